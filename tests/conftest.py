@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny Hugging Face models saved with save_pretrained, and small data files.
+
+Tiny models (2 layers, width 32) go through the same loading path as real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("good great fine lovely superb wonderful excellent bad awful poor terrible boring dull worse "
+         "movie film plot actor story scene the a is was and but not very").split()
+POSITIVE = WORDS[:7]
+NEGATIVE = WORDS[7:14]
+FILLER = WORDS[14:]
+
+
+def shared_data_dir() -> Path:
+    from tuneforge.recipe import default_data_dir
+
+    return Path(default_data_dir())
+
+
+def requires_shared_data(*parts: str):
+    path = shared_data_dir().joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"shared data not found at {path} (set TUNEFORGE_DATA)")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, width-32 BERT with its own word-level vocabulary, saved like a Hub model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    assert tokenizer("good movie")["input_ids"] == [2, vocab.index("good"), vocab.index("movie"), 3]
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)  # a backbone without a task head, like the packaged MiniLM
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)
+    torch.manual_seed(0)
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(count: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Toy sentences whose label a model can learn from the sentiment word they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = i % 2
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        words = rng.sample(FILLER, 3) + [word]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
+    lines = ["\t".join(header)] + [f"{text}\t{label}" for text, label in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def text_data(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_tsv(tmp_path / "train.tsv", sentiment_rows(96, seed=1)),
+        "validation": write_tsv(tmp_path / "validation.tsv", sentiment_rows(32, seed=2)),
+        "test": write_tsv(tmp_path / "test.tsv", sentiment_rows(32, seed=3)),
+    }
+
+
+def write_image_folder(root: Path, per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """Two classes a model can tell apart: reddish and bluish noisy squares."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+            pixels[..., channel] = rng.integers(150, 255, size=(size, size), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_data(tmp_path) -> dict[str, Path]:
+    return {"train": write_image_folder(tmp_path / "train", 12, seed=1),
+            "validation": write_image_folder(tmp_path / "val", 6, seed=2)}
+
+
+def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> dict:
+    return {
+        "name": "tiny-text",
+        "model": {"name": str(model_dir), "max_length": 16},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]),
+                 **({"test": str(data["test"])} if "test" in data else {}),
+                 "text_column": "sentence", "label_column": "label"},
+        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "log_every_steps": 2, **train},
+        "optim": {"lr": 5e-3, "warmup_ratio": 0.1},
+        "output": {"dir": str(out)},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline(monkeypatch):
+    # Tests never touch the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,63 @@
+"""Two CPU processes (torchrun, gloo) train to the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import text_recipe
+from safetensors.torch import load_file
+
+from tuneforge.checkpoint import complete_checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory):
+    # Dropout masks differ between processes, so compare without dropout.
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    for file in tiny_bert_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _train(recipe_file, out, processes: int):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(29500 + processes)] if processes > 1 else [sys.executable]
+    command = [*launcher, "-m", "tuneforge", "train", str(recipe_file), "--output-dir", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path):
+    recipe = text_recipe(tiny_bert_no_dropout, text_data, tmp_path / "unused", epochs=2)
+    recipe["model"]["head_dropout"] = 0.0
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+
+    _train(recipe_file, tmp_path / "one", 1)
+    _train(recipe_file, tmp_path / "two", 2)
+
+    one = load_file(str(complete_checkpoints(tmp_path / "one" / "checkpoints")[-1] / "model.safetensors"))
+    two = load_file(str(complete_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "model.safetensors"))
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key
+    # One run directory, written once: one eval.json, one line per log step.
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert steps == sorted(set(steps))
+    evaluation = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert evaluation["hardware"]["processes"] == 2
+    assert evaluation["splits"]["test"]["num_examples"] == 32

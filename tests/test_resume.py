@@ -1,0 +1,92 @@
+"""Checkpoints and resume: a run stopped mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import text_recipe
+from safetensors.torch import load_file
+
+from tuneforge import finetune
+from tuneforge.checkpoint import complete_checkpoints
+from tuneforge.errors import ResumeError
+from tuneforge.run import RunHooks
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, step: int) -> None:
+    original = RunHooks.on_step_end
+
+    def stop(self, state):
+        original(self, state)
+        if state.step == step:
+            raise Interrupted(f"stopped after step {step}")
+
+    monkeypatch.setattr(RunHooks, "on_step_end", stop)
+
+
+def _tensors(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_mid_epoch_is_bit_identical(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    # 96 examples / batch 8 = 12 steps an epoch; dropout is on, so the RNG state must be restored too.
+    settings = {"epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 10}
+    uninterrupted = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "a", **settings))
+
+    _interrupt_after(monkeypatch, 8)  # last checkpoint at step 6: epoch 0, batch 6 of 12
+    with pytest.raises(Interrupted):
+        finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "b", **settings))
+    monkeypatch.undo()
+    assert [p.name for p in complete_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003", "step-00000006"]
+    resumed = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "b", **settings), resume=True)
+
+    final_a = complete_checkpoints(uninterrupted.run_dir / "checkpoints")[-1]
+    final_b = complete_checkpoints(resumed.run_dir / "checkpoints")[-1]
+    assert final_a.name == final_b.name == "step-00000024"
+    a, b = _tensors(final_a), _tensors(final_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Optimizer moments too, not only the weights.
+    opt_a = torch.load(final_a / "optimizer.pt", weights_only=True)["state"]
+    opt_b = torch.load(final_b / "optimizer.pt", weights_only=True)["state"]
+    for index in opt_a:
+        assert torch.equal(opt_a[index]["exp_avg"], opt_b[index]["exp_avg"])
+    assert resumed.metrics["accuracy"] == uninterrupted.metrics["accuracy"]
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"type": "resume", "step": 6} .items() <= next(r for r in records if r["type"] == "resume").items()
+
+
+def test_checkpoint_holds_every_piece_of_state(tiny_bert_dir, text_data, tmp_path):
+    result = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1))
+    folder = complete_checkpoints(result.run_dir / "checkpoints")[-1]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 12 and state["epoch"] == 1 and state["batch_in_epoch"] == 0
+    for key in ("scheduler", "python", "numpy", "best_metric"):
+        assert key in state
+    assert "torch" in load_file(str(folder / "rng.safetensors"))
+    assert not list((result.run_dir / "checkpoints").glob(".*partial"))  # nothing half-written left behind
+
+
+def test_keep_checkpoints_rotates(tiny_bert_dir, text_data, tmp_path):
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2, keep_checkpoints=2)
+    result = finetune(recipe)
+    assert [p.name for p in complete_checkpoints(result.run_dir / "checkpoints")] == ["step-00000010", "step-00000012"]
+
+
+def test_resume_refuses_a_different_model(tiny_bert_dir, tiny_vit_dir, text_data, tmp_path, monkeypatch):
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2)
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        finetune(recipe)
+    monkeypatch.undo()
+    changed = text_recipe(tiny_vit_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2)
+    with pytest.raises(ResumeError, match="model.name"):
+        finetune(changed, resume=True)

@@ -1,0 +1,16 @@
+"""tuneforge: fine-tune pretrained models from a recipe."""
+
+from tuneforge.errors import DataError, ModelError, RecipeError, ResumeError, TuneforgeError
+from tuneforge.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+
+def finetune(recipe, overrides=None, output_dir=None, resume=False, overwrite=False):
+    """Fine-tune as the recipe (path, dict or Recipe) says; same as `tuneforge train`."""
+    from tuneforge.run import finetune as run_finetune
+
+    return run_finetune(recipe, overrides, output_dir=output_dir, resume=resume, overwrite=overwrite)
+
+
+__all__ = ["finetune", "load_recipe", "Recipe", "TuneforgeError", "RecipeError", "DataError", "ModelError", "ResumeError"]

@@ -1,0 +1,85 @@
+"""Command line: each subcommand is a thin wrapper over a plain function.
+
+Exit codes: 0 success, 2 a problem with the user's input (recipe, data, model, resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tuneforge.errors import TuneforgeError
+
+
+def _train(args) -> None:
+    from tuneforge.run import finetune
+
+    finetune(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def _evaluate(args) -> None:
+    import json
+
+    from tuneforge.inference import evaluate_run
+
+    metrics = evaluate_run(args.run, args.data, output=args.output)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "per_class")}, indent=2))
+
+
+def _predict(args) -> None:
+    from tuneforge.inference import predict_run
+
+    count = predict_run(args.run, args.input, args.output)
+    print(f"wrote {count} predictions to {args.output}")
+
+
+def _inspect(args) -> None:
+    from tuneforge.inference import inspect_model
+
+    inspect_model(args.model, weights=args.weights, num_labels=args.num_labels)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models from a YAML recipe.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune as a recipe says")
+    train.add_argument("recipe", help="YAML recipe")
+    train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=1 optim.lr=1e-4")
+    train.add_argument("--output-dir", help="run directory (default: the recipe's output.dir)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a labelled file or image folder")
+    evaluate.add_argument("run", help="run directory (or its model/ folder)")
+    evaluate.add_argument("--data", required=True, help="labelled data, same format and columns as in training")
+    evaluate.add_argument("--output", help="also write all metrics to this JSON file")
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="labels and probabilities for new inputs")
+    predict.add_argument("run", help="run directory (or its model/ folder)")
+    predict.add_argument("--input", required=True, help="table with the text column, an image, or a folder of images")
+    predict.add_argument("--output", required=True, help=".jsonl or .csv file to write")
+    predict.set_defaults(handler=_predict)
+
+    inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
+    inspect.add_argument("model", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', or a run directory")
+    inspect.add_argument("--weights", help="weights file for a 'module:function' model")
+    inspect.add_argument("--num-labels", type=int, default=2, help="size of the head to attach (default 2)")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except TuneforgeError as error:
+        print(f"error: {error.render()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

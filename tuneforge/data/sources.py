@@ -1,0 +1,148 @@
+"""Read task data from files: text tables (CSV/TSV/JSONL/Parquet) and class-per-folder image trees.
+
+Readers never raise on bad content; they return what they found and the problems
+they saw, so the preflight check can report every problem in one go.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class Split:
+    """One split of examples as read from disk, before any encoding.
+
+    `rows` holds where each example came from (a file line number, or an image
+    path) so that problems and predictions can point at it.
+    """
+
+    name: str
+    source: str
+    labels: list
+    rows: list[str]
+    texts: list | None = None
+    text_pairs: list | None = None
+    image_paths: list[Path] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: list[int]) -> Split:
+        pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
+        return Split(
+            self.name, self.source, pick(self.labels), pick(self.rows),
+            pick(self.texts), pick(self.text_pairs), pick(self.image_paths), list(self.problems),
+        )
+
+
+def infer_format(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        return "imagefolder"
+    return TABLE_FORMATS.get(path.suffix.lower(), "csv")
+
+
+def read_table(path: Path, fmt: str, columns: list[str] | None) -> pd.DataFrame:
+    """Read a table as strings-or-numbers without guessing quotes in TSV (sentences contain '"')."""
+    header = None if columns else "infer"
+    if fmt == "tsv":
+        # Blank lines are kept as (empty) rows so reported line numbers stay the file's own.
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, header=header, names=columns,
+                           keep_default_na=False, na_values=[""], encoding="utf-8", skip_blank_lines=False)
+    if fmt == "csv":
+        return pd.read_csv(path, header=header, names=columns, keep_default_na=False, na_values=[""],
+                           encoding="utf-8", skip_blank_lines=False)
+    if fmt == "jsonl":
+        if path.suffix.lower() == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+            return pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
+        return pd.read_json(path, lines=True, dtype=False)
+    if fmt == "parquet":
+        return pd.read_parquet(path)
+    raise ValueError(f"not a table format: {fmt}")
+
+
+def _first_line_number(fmt: str, has_header: bool) -> int:
+    # Row numbers in messages are the file's own line numbers (1-based), header included.
+    return 2 if fmt in ("csv", "tsv") and has_header else 1
+
+
+def read_text_split(name: str, path: Path, spec, require_labels: bool = True) -> Split:
+    fmt = infer_format(path, spec.format)
+    empty = Split(name, str(path), [], [])
+    if not path.is_file():
+        empty.problems.append(f"{name}: file {path} does not exist (data.{name})")
+        return empty
+    if path.stat().st_size == 0:
+        empty.problems.append(f"{name}: file {path} is empty")
+        return empty
+    try:
+        frame = read_table(path, fmt, spec.columns)
+    except UnicodeDecodeError:
+        raw = path.read_bytes()  # pandas reports offsets within its own chunk; find the real place
+        try:
+            raw.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            where = f" (byte {error.start}, line {line})"
+        empty.problems.append(f"{name}: {path} is not UTF-8 text{where}; re-save it as UTF-8")
+        return empty
+    except Exception as error:  # pandas/pyarrow raise many types for malformed files
+        empty.problems.append(f"{name}: cannot read {path} as {fmt}: {str(error).splitlines()[0]}")
+        return empty
+
+    has_labels = spec.label_column in frame.columns
+    wanted = [spec.text_column] + ([spec.label_column] if require_labels else []) + \
+        ([spec.text_pair_column] if spec.text_pair_column else [])
+    missing = [column for column in wanted if column not in frame.columns]
+    if missing:
+        found = ", ".join(map(str, frame.columns))
+        hint = " (is the delimiter right? for TSV use a .tsv name or data.format: tsv)" if len(frame.columns) == 1 else ""
+        empty.problems.append(f"{name}: {path} has no column {', '.join(map(repr, missing))}; columns are: {found}{hint}")
+        return empty
+
+    first = _first_line_number(fmt, spec.columns is None)
+    rows = [f"{path}:{first + i}" for i in range(len(frame))]
+    pairs = frame[spec.text_pair_column].tolist() if spec.text_pair_column else None
+    labels = frame[spec.label_column].tolist() if has_labels else [None] * len(frame)
+    return Split(name, str(path), labels, rows,
+                 texts=frame[spec.text_column].tolist(), text_pairs=pairs)
+
+
+def read_image_split(name: str, root: Path) -> Split:
+    """A class-per-folder tree: root/<label>/<image>. Non-image files are ignored."""
+    empty = Split(name, str(root), [], [])
+    if root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:  # a single unlabelled image (predict)
+        return Split(name, str(root), [None], [str(root)], image_paths=[root])
+    if not root.is_dir():
+        empty.problems.append(f"{name}: folder {root} does not exist (data.{name})")
+        return empty
+    labels, paths = [], []
+    class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                labels.append(class_dir.name)
+                paths.append(path)
+    if not class_dirs:
+        empty.problems.append(f"{name}: {root} has no class folders; expected {root}/<label>/<image files>")
+        return empty
+    return Split(name, str(root), labels, [str(path) for path in paths], image_paths=paths)
+
+
+def read_split(name: str, location: str, spec, require_labels: bool = True) -> Split:
+    path = Path(location).expanduser()
+    if infer_format(path, spec.format) == "imagefolder" or path.suffix.lower() in IMAGE_SUFFIXES:
+        return read_image_split(name, path)
+    return read_text_split(name, path, spec, require_labels)

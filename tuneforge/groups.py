@@ -1,0 +1,94 @@
+"""Discover a model's layer groups once, for every model family: stem, blocks, neck, head.
+
+Blocks are the children of the outermost containers (ModuleList / Sequential)
+that hold two or more composite modules of one type: BERT's encoder.layer,
+ViT's encoder.layer, a ResNet's layer1..layer3. Parameters registered before the
+first block form the embeddings (or stem); pretrained ones after the last block
+form the neck (pooler, final norm); the newly attached layers are the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class LayerGroup:
+    name: str
+    modules: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    count: int = 0
+
+
+def _is_block_container(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+        return False
+    children = list(module.children())
+    first = type(children[0])
+    composite = any(True for _ in children[0].children())
+    has_params = any(True for _ in children[0].parameters())
+    return composite and has_params and all(type(child) is first for child in children)
+
+
+def find_blocks(model: nn.Module, head_prefixes: list[str] = ()) -> list[str]:
+    """Module paths of the blocks, in registration (forward) order."""
+    containers: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in containers):
+            continue
+        if any(name == h or name.startswith(h + ".") for h in head_prefixes):
+            continue
+        if _is_block_container(module):
+            containers.append(name)
+    return [f"{c}.{child}" if c else child for c in containers for child, _ in model.get_submodule(c).named_children()]
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def layer_groups(model: nn.Module, head_prefixes: list[str]) -> list[LayerGroup]:
+    blocks = find_blocks(model, head_prefixes)
+    groups: dict[str, LayerGroup] = {}
+    has_embedding = any(isinstance(m, nn.Embedding) for m in model.modules())
+    front = "embeddings" if has_embedding else "stem"
+    seen_block = False
+    for name, param in model.named_parameters():
+        if any(_within(name, h) for h in head_prefixes):
+            group, module = "head", next(h for h in head_prefixes if _within(name, h))
+        else:
+            index = next((i for i, b in enumerate(blocks) if _within(name, b)), None)
+            if index is not None:
+                seen_block = True
+                group, module = f"block.{index}", blocks[index]
+            else:
+                group, module = ("neck" if seen_block else front), name.rsplit(".", 1)[0]
+        entry = groups.setdefault(group, LayerGroup(group))
+        if module not in entry.modules:
+            entry.modules.append(module)
+        entry.params.append(name)
+        entry.count += param.numel()
+    order = [front] + [f"block.{i}" for i in range(len(blocks))] + ["neck", "head"]
+    return [groups[name] for name in order if name in groups]
+
+
+def render_groups(groups: list[LayerGroup], trainable: set[str] | None = None) -> "rich.table.Table":  # noqa: F821
+    from rich.table import Table
+
+    table = Table(title="layer groups (input → output)")
+    table.add_column("group")
+    table.add_column("modules")
+    table.add_column("parameters", justify="right")
+    if trainable is not None:
+        table.add_column("trainable", justify="right")
+    for group in groups:
+        modules = ", ".join(group.modules[:3]) + (f" … (+{len(group.modules) - 3})" if len(group.modules) > 3 else "")
+        row = [group.name, modules, f"{group.count:,}"]
+        if trainable is not None:
+            row.append("yes" if all(p in trainable for p in group.params) else "no")
+        table.add_row(*row)
+    total = sum(g.count for g in groups)
+    table.add_row("total", "", f"{total:,}", *([""] if trainable is not None else []))
+    return table

@@ -1,0 +1,102 @@
+"""Use a finished run: evaluate it on new labelled data, predict new inputs, inspect a model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from tuneforge.data.loaders import make_dataset, make_loader
+from tuneforge.data.preflight import check_split, label_key, unknown_labels
+from tuneforge.data.sources import read_split
+from tuneforge.errors import DataError, ModelError
+from tuneforge.loop import predict_logits
+from tuneforge.models import LoadedModel, load_model_folder
+from tuneforge.recipe import DataSpec
+from tuneforge.tasks.classification import ClassificationTask
+
+
+def model_folder(run: str | Path) -> Path:
+    run = Path(run)
+    folder = run / "model" if (run / "model" / "config.json").is_file() else run
+    if not (folder / "config.json").is_file() or not (folder / "tuneforge.json").is_file():
+        raise ModelError([f"{run} is neither a run directory nor a tuneforge model folder (no model/config.json)"])
+    return folder
+
+
+def _load(run) -> tuple[LoadedModel, dict, DataSpec]:
+    folder = model_folder(run)
+    info = json.loads((folder / "tuneforge.json").read_text())
+    loaded, _ = load_model_folder(folder)
+    return loaded, info, DataSpec(**info["data"])
+
+
+def _logits(loaded: LoadedModel, split, label_ids: list[int], info: dict):
+    dataset = make_dataset(split, label_ids, loaded.preprocessor, info["max_length"])
+    accelerator = Accelerator()
+    model, loader = accelerator.prepare(loaded.model, make_loader(dataset, 64, 0))
+    return predict_logits(model, loader, accelerator)
+
+
+def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
+    """All classification metrics of a run's model on a labelled file or image folder."""
+    loaded, info, spec = _load(run)
+    split = read_split("evaluation", str(data), spec)
+    problems = split.problems or check_split(split, spec, [])
+    problems += unknown_labels(split, info["label_values"], "the model cannot predict labels it was not trained on")
+    if problems:
+        raise DataError(problems)
+    index = {value: i for i, value in enumerate(info["label_values"])}
+    logits, labels = _logits(loaded, split, [index[label_key(v)] for v in split.labels], info)
+    metrics = ClassificationTask(info["label_names"]).metrics(logits, labels)
+    if output:
+        Path(output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
+    """Write label and probabilities per input row (or image) to a .jsonl or .csv file."""
+    loaded, info, spec = _load(run)
+    split = read_split("input", str(inputs), spec, require_labels=False)
+    problems = split.problems or check_split(split, spec, [], require_labels=False)
+    if problems:
+        raise DataError(problems)
+    logits, _ = _logits(loaded, split, [0] * len(split), info)
+    predictions = ClassificationTask(info["label_names"]).predictions(logits)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".csv":
+        with output.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["row", "label", *(f"p_{name}" for name in info["label_names"])])
+            for row, prediction in zip(split.rows, predictions):
+                writer.writerow([row, prediction["label"], *prediction["probabilities"].values()])
+    else:
+        with output.open("w") as file:
+            for row, prediction in zip(split.rows, predictions):
+                file.write(json.dumps({"row": row, **prediction}) + "\n")
+    return len(predictions)
+
+
+def inspect_model(reference: str, weights: str | None = None, num_labels: int = 2) -> list:
+    """Print the layer groups (stem/embeddings, each block, neck, head) with parameter counts."""
+    from rich.console import Console
+
+    from tuneforge.groups import layer_groups, render_groups
+    from tuneforge.models import load_model
+    from tuneforge.recipe import ImageSpec, ModelSpec
+
+    path = Path(reference)
+    if (path / "tuneforge.json").is_file() or (path / "model" / "tuneforge.json").is_file():
+        loaded, _ = load_model_folder(model_folder(path))
+    else:
+        if ":" in reference and not reference.startswith("pkg:") and not path.exists():
+            spec = ModelSpec(factory=reference, weights=weights, pretrained=weights is not None)
+        else:
+            spec = ModelSpec(name=reference)
+        loaded = load_model(spec, [str(i) for i in range(num_labels)], ImageSpec(size=32))
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    Console().print(render_groups(groups))
+    return groups

@@ -1,0 +1,317 @@
+"""Load a pretrained backbone, give it a fresh head, and discover its layer groups.
+
+Two sources, one result (`LoadedModel`):
+  * a Hugging Face folder or Hub id, loaded with AutoModelFor{Sequence,Image}Classification;
+  * a user's PyTorch factory ('module:function') plus a weights file, read without pickle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneforge.errors import ModelError
+from tuneforge.weights import read_state_dict
+
+FACTORY_CONFIG_KEY = "tuneforge_factory"
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" … (+{len(keys) - 6})" if len(keys) > 6 else "") if keys else "none"
+
+        return (f"loaded {len(self.loaded)} pretrained tensors; new {len(self.new)}: {show(self.new)}; "
+                f"dropped {len(self.dropped)}: {show(self.dropped)}")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    preprocessor: object  # a tokenizer (text) or an image processor (image)
+    modality: str
+    head_prefixes: list[str]  # module paths of the newly attached head
+    report: LoadReport
+    factory: dict | None = None  # how to rebuild a factory model (None for Hugging Face models)
+
+
+class FactoryClassifier(nn.Module):
+    """Gives a plain PyTorch module the keyword interface the loop uses: model(pixel_values=...).logits."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> "FactoryOutput":
+        return FactoryOutput(self.net(pixel_values))
+
+
+@dataclass
+class FactoryOutput:
+    logits: torch.Tensor
+
+
+# ---------------------------------------------------------------- locating things
+
+def resolve_model_path(name: str) -> str:
+    """'pkg:package/sub/dir' points inside an installed package (e.g. the packaged MiniLM)."""
+    if not name.startswith("pkg:"):
+        return name
+    package, _, sub = name[4:].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError([f"model.name {name!r}: package {package!r} is not installed (pip install {package.replace('_', '-')})"])
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def import_factory(reference: str):
+    module_name, _, function_name = reference.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # so 'examples.cifar_resnet:resnet20' works from the project root
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelError([f"model.factory {reference!r}: cannot import {module_name!r} ({error})"]) from None
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise ModelError([f"model.factory {reference!r}: {module_name} has no function {function_name!r}"])
+    return factory
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ModelError([f"model.head {path!r}: no such module; modules are: {', '.join(n for n, _ in model.named_children())}"]) from None
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def last_linear(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ModelError(["the factory model has no nn.Linear classifier; name its head with model.head"])
+    return names[-1]
+
+
+def new_classifier(in_features: int, num_labels: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_labels))
+
+
+# ---------------------------------------------------------------- image processors
+
+def make_image_processor(image_spec, defaults=None):
+    """A PIL-backed Hugging Face image processor, so exported folders load with AutoImageProcessor."""
+    from transformers import ViTImageProcessorPil
+
+    base = defaults.to_dict() if defaults is not None else {}
+    size = image_spec.size or (base.get("size") or {}).get("height") or 224
+    return ViTImageProcessorPil(
+        do_resize=True, size={"height": size, "width": size}, resample=2,  # 2 = PIL bilinear
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(image_spec.mean or base.get("image_mean") or (0.5, 0.5, 0.5)),
+        image_std=list(image_spec.std or base.get("image_std") or (0.5, 0.5, 0.5)),
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face models
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _hf_modality(config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return "image" if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES else "text"
+
+
+def _hf_head_prefixes(model: nn.Module) -> list[str]:
+    # Whatever sits beside the base model (bert, vit, ...) with parameters is the task head.
+    base = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children() if name != base and any(True for _ in child.parameters())]
+
+
+def _add_head_dropout(model: nn.Module, head_prefixes: list[str], p: float) -> None:
+    """Dropout on the head's input for architectures whose config has no classifier_dropout.
+
+    A pre-hook adds no parameters, so the exported folder stays loadable by transformers.
+    """
+    if p <= 0 or not head_prefixes:
+        return
+    head = model.get_submodule(head_prefixes[0])
+    head.register_forward_pre_hook(lambda module, args: (nn.functional.dropout(args[0], p, module.training), *args[1:]))
+
+
+def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    _quiet_transformers()
+    name = resolve_model_path(spec.name)
+    common = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+    except (OSError, ValueError) as error:
+        raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({str(error).splitlines()[0]})"]) from None
+    modality = _hf_modality(config)
+    auto_class = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
+
+    overrides = {}
+    if spec.new_head:
+        overrides = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                     "label2id": {label: i for i, label in enumerate(labels)}}
+    elif config.num_labels != len(labels):
+        raise ModelError([f"model.new_head is false but the pretrained head has {config.num_labels} outputs "
+                          f"for {len(labels)} labels; set model.new_head: true"])
+    native_dropout = hasattr(config, "classifier_dropout")
+    if native_dropout:
+        overrides["classifier_dropout"] = spec.head_dropout
+    config = AutoConfig.from_pretrained(name, **common, **overrides)
+
+    if spec.pretrained:
+        model, info = auto_class.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
+                                                 output_loading_info=True, **common)
+        mismatched = [key for key, *_ in info.get("mismatched_keys", [])]
+        new = sorted(set(info["missing_keys"]) | set(mismatched))
+        report = LoadReport(sorted(set(model.state_dict()) - set(new)), new,
+                            sorted(set(info["unexpected_keys"]) | set(mismatched)))
+    else:
+        model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+        report = LoadReport([], sorted(model.state_dict()), [])
+    head = _hf_head_prefixes(model)
+    if not native_dropout:
+        _add_head_dropout(model, head, spec.head_dropout)
+
+    if modality == "text":
+        preprocessor = AutoTokenizer.from_pretrained(name, **common)
+    else:
+        try:
+            defaults = AutoImageProcessor.from_pretrained(name, backend="pil", **common)
+        except (OSError, ValueError):
+            defaults = None
+        preprocessor = make_image_processor(image_spec, defaults)
+    return LoadedModel(model, preprocessor, modality, head if spec.new_head else [], report)
+
+
+# ---------------------------------------------------------------- factory models
+
+def _call_factory(reference: str, kwargs: dict) -> nn.Module:
+    net = import_factory(reference)(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise ModelError([f"model.factory {reference!r} returned {type(net).__name__}, not a torch.nn.Module"])
+    return net
+
+
+def _attach_head(net: nn.Module, head: str, num_labels: int, dropout: float) -> None:
+    old = _get_module(net, head)
+    if not isinstance(old, nn.Linear):
+        raise ModelError([f"model.head {head!r} is a {type(old).__name__}; the head to replace must be an nn.Linear"])
+    _set_module(net, head, new_classifier(old.in_features, num_labels, dropout))
+
+
+def build_factory_model(factory: dict, num_labels: int) -> FactoryClassifier:
+    """Rebuild a saved factory model's architecture (weights are loaded by the caller)."""
+    net = _call_factory(factory["factory"], factory.get("factory_kwargs", {}))
+    if factory.get("new_head", True):
+        _attach_head(net, factory["head"], num_labels, factory.get("head_dropout", 0.0))
+    return FactoryClassifier(net)
+
+
+def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
+    if image_spec.size is None:
+        raise ModelError(["a factory model needs data.image.size (and usually data.image.mean / std) for its preprocessing"])
+    net = _call_factory(spec.factory, spec.factory_kwargs)
+    own = net.state_dict()
+    report = LoadReport(new=sorted(own))
+    if spec.pretrained:
+        if not spec.weights:
+            raise ModelError(["model.factory needs model.weights (or model.pretrained: false for a random start)"])
+        state = read_state_dict(spec.weights, key=spec.weights_key, strip_prefix=spec.strip_prefix)
+        fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        net.load_state_dict(fits, strict=False)
+        report = LoadReport(sorted(fits), sorted(set(own) - set(fits)), sorted(set(state) - set(fits)))
+
+    head = spec.head or last_linear(net)
+    if spec.new_head:
+        _attach_head(net, head, len(labels), spec.head_dropout)
+        in_head = lambda key: key.startswith(head + ".")  # noqa: E731
+        report.dropped = sorted(report.dropped + [k for k in report.loaded if in_head(k)])
+        report.loaded = [k for k in report.loaded if not in_head(k)]
+        report.new = sorted([k for k in report.new if not in_head(k)] + [k for k in net.state_dict() if in_head(k)])
+    elif getattr(_get_module(net, head), "out_features", len(labels)) != len(labels):
+        raise ModelError([f"model.new_head is false but {head} has {_get_module(net, head).out_features} outputs "
+                          f"for {len(labels)} labels; set model.new_head: true"])
+    factory = {"factory": spec.factory, "factory_kwargs": spec.factory_kwargs, "head": head,
+               "new_head": spec.new_head, "head_dropout": spec.head_dropout}
+    return LoadedModel(FactoryClassifier(net), make_image_processor(image_spec), "image",
+                       [f"net.{head}"] if spec.new_head else [], report, factory)
+
+
+def load_model(spec, labels: list[str], image_spec) -> LoadedModel:
+    if spec.factory:
+        return load_factory_model(spec, labels, image_spec)
+    return load_hf_model(spec, labels, image_spec)
+
+
+# ---------------------------------------------------------------- model folders
+
+def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str]) -> None:
+    """Write a Hugging Face-style folder: safetensors weights, config with the label map, preprocessor."""
+    from safetensors.torch import save_model
+
+    _quiet_transformers()
+    folder.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    if loaded.factory is None:
+        model.save_pretrained(folder)
+    else:
+        save_model(model.net, str(folder / "model.safetensors"))
+        config = {FACTORY_CONFIG_KEY: loaded.factory, "num_labels": len(labels),
+                  "id2label": {str(i): label for i, label in enumerate(labels)},
+                  "label2id": {label: i for i, label in enumerate(labels)}}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    loaded.preprocessor.save_pretrained(folder)
+
+
+def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
+    """Reload a folder written by save_model_folder; returns the model and its labels (class order)."""
+    from safetensors.torch import load_model as load_safetensors_into
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, \
+        AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    config = json.loads((folder / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    if FACTORY_CONFIG_KEY in config:
+        factory = config[FACTORY_CONFIG_KEY]
+        model = build_factory_model(factory, len(labels))
+        load_safetensors_into(model.net, str(folder / "model.safetensors"))
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return LoadedModel(model, processor, "image", [f"net.{factory['head']}"], LoadReport(), factory), labels
+    modality = _hf_modality(AutoConfig.from_pretrained(folder))
+    if modality == "image":
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        processor = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model, processor, modality, _hf_head_prefixes(model), LoadReport()), labels

@@ -1,0 +1,296 @@
+"""Recipes: one YAML file describes a whole fine-tuning run.
+
+A recipe is validated up front by pydantic. Every problem (unknown key, wrong
+type, impossible value) is gathered and reported at once, each with its key
+path and what is allowed, before any data is read or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneforge.errors import RecipeError
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(Section):
+    """Where the pretrained network comes from and how its head is replaced."""
+
+    name: str | None = Field(
+        None, description="Hugging Face folder or Hub id; 'pkg:PACKAGE/sub/dir' for a folder inside an installed package"
+    )
+    factory: str | None = Field(None, description="'module:function' returning a torch.nn.Module")
+    factory_kwargs: dict[str, Any] = {}
+    weights: str | None = Field(None, description="weights file for a factory model (.safetensors, or a legacy torch file)")
+    weights_key: str | None = Field(None, description="key of the state dict inside a legacy checkpoint dict, e.g. 'state_dict'")
+    strip_prefix: list[str] = Field(default_factory=list, description="key prefixes removed before loading, e.g. 'module.'")
+    head: str | None = Field(None, description="attribute path of a factory model's classifier (default: its last Linear)")
+    new_head: bool = Field(True, description="replace the classifier with a fresh one sized to the label set")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    pretrained: bool = Field(True, description="false: same architecture, random initialisation (a baseline)")
+    max_length: int = Field(128, gt=0, description="token limit for text models")
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of model.name (Hugging Face model) or model.factory ('module:function')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model.factory must look like 'package.module:function', got {self.factory!r}")
+        if self.weights is not None and self.factory is None:
+            raise ValueError("model.weights is for factory models; a Hugging Face folder carries its own weights")
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("model.trust_remote_code needs model.revision pinned to a commit, so the code cannot change under you")
+        return self
+
+
+class ImageSpec(Section):
+    size: int | None = Field(None, gt=0, description="square side images are resized to (default: the model's processor)")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class DataSpec(Section):
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder"] = "auto"
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    validation_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="split validation off train when no file is given")
+    split_seed: int = 0
+    max_train_examples: int | None = Field(None, gt=0, description="seeded sample of the training split")
+    max_validation_examples: int | None = Field(None, gt=0, description="seeded sample of the validation split")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
+    image: ImageSpec = ImageSpec()
+    skip_unreadable_images: bool = False
+    num_workers: int = Field(0, ge=0)
+    group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataSpec:
+        if self.validation and self.validation_fraction:
+            raise ValueError("give data.validation or data.validation_fraction, not both")
+        return self
+
+
+class TaskSpec(Section):
+    type: Literal["classification"] = "classification"
+    labels: list[str] | None = Field(None, description="label values in class-index order (default: sorted labels of train)")
+    label_names: list[str] | None = Field(None, description="display names for the labels, same order")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        # Labels compare as text everywhere, so `labels: [0, 1]` means the same as ["0", "1"].
+        if isinstance(value, list):
+            return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) if isinstance(v, (int, float)) else v
+                    for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> TaskSpec:
+        if self.label_names is not None:
+            if self.labels is None:
+                raise ValueError("task.label_names needs task.labels (the raw values they rename)")
+            if len(self.label_names) != len(self.labels):
+                raise ValueError(f"task.label_names has {len(self.label_names)} names for {len(self.labels)} labels")
+        return self
+
+
+class TrainSpec(Section):
+    epochs: int = Field(3, ge=0, description="0 evaluates the pretrained model without training")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, gt=0, description="global batch size per optimizer micro-step")
+    grad_accum_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every_steps: int = Field(10, gt=0)
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint at every epoch end")
+    keep_checkpoints: int = Field(2, gt=0)
+    device: Literal["auto", "cpu"] = "auto"
+
+
+class OptimSpec(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-5, gt=0.0, lt=10.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+
+
+class EvalSpec(Section):
+    every_steps: int | None = Field(None, gt=0, description="default: evaluate at every epoch end")
+    metric: str = Field("accuracy", description="validation metric that picks the best model")
+    mode: Literal["max", "min"] = "max"
+    batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
+
+
+class OutputSpec(Section):
+    dir: str = "runs/{name}"
+
+
+class Recipe(Section):
+    name: str = "run"
+    model: ModelSpec
+    data: DataSpec
+    task: TaskSpec = TaskSpec()
+    train: TrainSpec = TrainSpec()
+    optim: OptimSpec = OptimSpec()
+    eval: EvalSpec = EvalSpec()
+    output: OutputSpec = OutputSpec()
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def default_data_dir() -> str:
+    """Where the shared datasets live: $TUNEFORGE_DATA, else ../shared/data beside the project."""
+    if os.environ.get("TUNEFORGE_DATA"):
+        return os.environ["TUNEFORGE_DATA"]
+    candidates = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    return str(candidates[0])
+
+
+def _expand(value: Any, missing: list[str]) -> Any:
+    """Expand ${VAR} and ${VAR:-default} inside strings; TUNEFORGE_DATA has a built-in default.
+
+    As in the shell, an empty variable counts as unset. Unset variables without a
+    default are collected in `missing` so they can be reported together.
+    """
+    if isinstance(value, dict):
+        return {key: _expand(item, missing) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(item, missing) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        if name == "TUNEFORGE_DATA":
+            return default_data_dir()
+        missing.append(f"environment variable {name} is not set (used as ${{{name}}}); export it or write ${{{name}:-default}}")
+        return match.group(0)
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply command-line overrides 'key.path=value'; values are parsed as YAML scalars."""
+    problems = []
+    for override in overrides:
+        if "=" not in override:
+            problems.append(f"override {override!r}: expected key.path=value, e.g. train.epochs=3")
+            continue
+        path, text = override.split("=", 1)
+        keys = path.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                problems.append(f"override {override!r}: {key} is a value, not a section")
+                break
+            node = child
+        else:
+            node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    if problems:
+        raise RecipeError(problems)
+    return raw
+
+
+def _describe(error: dict, recipe_fields: type[BaseModel]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "(recipe)"
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(recipe_fields, error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        return f"{path}: unknown key (allowed here: {allowed})"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"{path}: {message} (got {error.get('input')!r})"
+    return f"{message}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError([f"a recipe is a mapping of sections (model, data, task, train, optim, eval, output), "
+                           f"not a {type(raw).__name__}"], source=source)
+    problems: list[str] = []
+    expanded = _expand(raw, problems)
+    try:
+        recipe = Recipe.model_validate(expanded)
+    except ValidationError as error:
+        for item in error.errors():
+            # Errors from a section-level check carry the section as location.
+            if item["type"] == "value_error" and item["loc"]:
+                problems.append(f"{'.'.join(map(str, item['loc']))}: {item['msg'].removeprefix('Value error, ')}")
+            else:
+                problems.append(_describe(item, Recipe))
+    if problems:
+        raise RecipeError(problems, source=source) from None
+    return recipe
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path, a dict or a Recipe, then apply 'key.path=value' overrides."""
+    if isinstance(source, Recipe):
+        raw, name = source.model_dump(mode="json"), "recipe"
+    elif isinstance(source, dict):
+        raw, name = copy.deepcopy(source), "recipe"  # overrides must not change the caller's dict
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError([f"recipe file {path} does not exist"])
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+        name = str(path)
+    if overrides and isinstance(raw, dict):  # a non-mapping is reported as such by parse_recipe
+        raw = apply_overrides(raw, overrides)
+    return parse_recipe(raw, source=name)

@@ -1,0 +1,73 @@
+"""Single-label classification: batch -> loss, logits -> predictions, predictions -> metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import classification as tmf
+
+
+class ClassificationTask:
+    name = "classification"
+    # Metrics where lower is better; everything else is maximised.
+    lower_is_better = {"loss"}
+
+    def __init__(self, label_names: list[str]):
+        self.label_names = label_names
+        self.num_classes = len(label_names)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Cross-entropy in float32 even under bf16/fp16 autocast: the softmax needs the range.
+        return F.cross_entropy(logits.float(), labels)
+
+    def predictions(self, logits: torch.Tensor) -> list[dict]:
+        probabilities = logits.float().softmax(-1)
+        return [
+            {"label": self.label_names[int(row.argmax())],
+             "probabilities": {name: round(float(p), 6) for name, p in zip(self.label_names, row)}}
+            for row in probabilities
+        ]
+
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        """All metrics by name; computed with torchmetrics on the full split at once."""
+        logits, labels = logits.float(), labels.long()
+        probabilities = logits.softmax(-1)
+        predicted = probabilities.argmax(-1)
+        k = self.num_classes
+        result = {
+            "num_examples": int(labels.numel()),
+            "loss": float(F.cross_entropy(logits, labels)),
+            "accuracy": float(tmf.multiclass_accuracy(predicted, labels, k, average="micro")),
+        }
+        for average in ("macro", "weighted"):
+            result[f"precision_{average}"] = float(tmf.multiclass_precision(predicted, labels, k, average=average))
+            result[f"recall_{average}"] = float(tmf.multiclass_recall(predicted, labels, k, average=average))
+            result[f"f1_{average}"] = float(tmf.multiclass_f1_score(predicted, labels, k, average=average))
+        result["auc_roc"] = self._auc_roc(probabilities, labels)
+        result["confusion_matrix"] = tmf.multiclass_confusion_matrix(predicted, labels, k).tolist()
+        per_class = zip(tmf.multiclass_precision(predicted, labels, k, average=None).tolist(),
+                        tmf.multiclass_recall(predicted, labels, k, average=None).tolist(),
+                        tmf.multiclass_f1_score(predicted, labels, k, average=None).tolist(),
+                        torch.bincount(labels, minlength=k).tolist())
+        result["per_class"] = {
+            name: {"precision": p, "recall": r, "f1": f, "support": s}
+            for name, (p, r, f, s) in zip(self.label_names, per_class)
+        }
+        return result
+
+    def _auc_roc(self, probabilities: torch.Tensor, labels: torch.Tensor) -> float | None:
+        """Binary AUC on the positive class; one-vs-rest macro AUC for more classes.
+
+        Undefined (None) when a class has no examples in the split.
+        """
+        present = torch.bincount(labels, minlength=self.num_classes)
+        if self.num_classes == 2:
+            if (present == 0).any():
+                return None
+            return float(tmf.binary_auroc(probabilities[:, 1], labels))
+        if (present == 0).any():
+            return None
+        value = float(tmf.multiclass_auroc(probabilities, labels, self.num_classes, average="macro"))
+        return None if math.isnan(value) else value
