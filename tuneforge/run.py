@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -50,7 +50,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
     # split_batches: train.batch_size is the global batch, shared out between processes,
     # so 1 process and N processes take the same optimizer steps.
-    accelerator = Accelerator(mixed_precision=spec.mixed_precision, cpu=spec.device == "cpu", split_batches=True)
+    # Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU.
+    on_cpu = spec.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpu,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     if spec.batch_size % accelerator.num_processes:
         raise RecipeError([f"train.batch_size {spec.batch_size} is not divisible by the {accelerator.num_processes} processes"])
     return accelerator
@@ -258,11 +261,12 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     if state.step and state.step % updates_per_epoch:  # stopped by max_steps mid-epoch
         hooks.evaluate(state)
         hooks.checkpoint(state)
-    best = run_dir / MODEL_DIR
-    if state.best_step is None or not best.exists():  # no validation split, or nothing trained
+    # Decided on state alone, identical in every process (save_best waits for all of them).
+    if state.best_step is None:  # no validation split, or nothing trained
         hooks.save_best()
     else:  # evaluate the selected model, not the last one
-        accelerator.unwrap_model(model).load_state_dict(load_model_folder(best)[0].model.state_dict())
+        best = load_model_folder(run_dir / MODEL_DIR)[0].model
+        accelerator.unwrap_model(model).load_state_dict(best.state_dict())
     metrics = _final_metrics(run, model, task, eval_loaders, state, train_seconds)
     return RunResult(run_dir, metrics)
 
