@@ -324,7 +324,14 @@ def test_missing_or_empty_image_folders(tmp_path):
         f"train: folder {missing} does not exist (data.train)"]
     (tmp_path / "flat").mkdir()
     assert data_problems(train=str(tmp_path / "flat")) == [
-        f"train: {tmp_path / 'flat'} has no class folders; expected {tmp_path / 'flat'}/<label>/<image files>"]
+        f"train: {tmp_path / 'flat'} holds no images; expected {tmp_path / 'flat'}/<label>/<image files>"]
+
+
+def test_images_outside_class_folders_have_no_label(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=3)
+    (root / "red" / "000.png").rename(root / "stray.png")
+    problems = data_problems(train=str(root))
+    assert problems == [f"train: 1 missing label(s) in column 'label' at {root / 'stray.png'}"]
 
 
 # ---------------------------------------------------------------- splitting and sampling

@@ -13,4 +13,4 @@ def finetune(recipe, overrides=None, output_dir=None, resume=False, overwrite=Fa
     return run_finetune(recipe, overrides, output_dir=output_dir, resume=resume, overwrite=overwrite)
 
 
-__all__ = ["finetune", "load_recipe", "Recipe", "TuneforgeError", "RecipeError", "DataError", "ModelError", "ResumeError"]
+__all__ = ["DataError", "ModelError", "Recipe", "RecipeError", "ResumeError", "TuneforgeError", "finetune", "load_recipe"]

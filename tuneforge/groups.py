@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rich.table import Table
 from torch import nn
 
 
@@ -74,9 +75,7 @@ def layer_groups(model: nn.Module, head_prefixes: list[str]) -> list[LayerGroup]
     return [groups[name] for name in order if name in groups]
 
 
-def render_groups(groups: list[LayerGroup], trainable: set[str] | None = None) -> "rich.table.Table":  # noqa: F821
-    from rich.table import Table
-
+def render_groups(groups: list[LayerGroup], trainable: set[str] | None = None) -> Table:
     table = Table(title="layer groups (input → output)")
     table.add_column("group")
     table.add_column("modules")

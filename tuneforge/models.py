@@ -54,7 +54,7 @@ class FactoryClassifier(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, pixel_values: torch.Tensor, **_) -> "FactoryOutput":
+    def forward(self, pixel_values: torch.Tensor, **_) -> FactoryOutput:
         return FactoryOutput(self.net(pixel_values))
 
 
@@ -162,8 +162,13 @@ def _add_head_dropout(model: nn.Module, head_prefixes: list[str], p: float) -> N
 
 
 def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     _quiet_transformers()
     name = resolve_model_path(spec.name)
@@ -248,12 +253,14 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
         state = read_state_dict(spec.weights, key=spec.weights_key, strip_prefix=spec.strip_prefix)
         fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
         net.load_state_dict(fits, strict=False)
-        report = LoadReport(sorted(fits), sorted(set(own) - set(fits)), sorted(set(state) - set(fits)))
+        # Older checkpoints lack BatchNorm's step counters; those are bookkeeping, not weights.
+        absent = {k for k in set(own) - set(fits) if not k.endswith("num_batches_tracked")}
+        report = LoadReport(sorted(fits), sorted(absent), sorted(set(state) - set(fits)))
 
     head = spec.head or last_linear(net)
     if spec.new_head:
         _attach_head(net, head, len(labels), spec.head_dropout)
-        in_head = lambda key: key.startswith(head + ".")  # noqa: E731
+        in_head = lambda key: key.startswith(head + ".")
         report.dropped = sorted(report.dropped + [k for k in report.loaded if in_head(k)])
         report.loaded = [k for k in report.loaded if not in_head(k)]
         report.new = sorted([k for k in report.new if not in_head(k)] + [k for k in net.state_dict() if in_head(k)])
@@ -295,8 +302,13 @@ def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str]) -> N
 def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
     """Reload a folder written by save_model_folder; returns the model and its labels (class order)."""
     from safetensors.torch import load_model as load_safetensors_into
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, \
-        AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     _quiet_transformers()
     config = json.loads((folder / "config.json").read_text())

@@ -227,21 +227,16 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console)
     task = ClassificationTask(data.label_names)
-    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
-                for name, split in data.splits.items()}
     spec = recipe.train
-    lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
-    sampler = EpochBatchSampler(len(datasets["train"]), spec.batch_size, spec.seed, lengths=lengths)
-    train_loader = make_loader(datasets["train"], spec.batch_size, recipe.data.num_workers, sampler)
-    eval_batch = recipe.eval.batch_size or 2 * spec.batch_size
-    eval_names = [name for name in ("validation", "test") if name in datasets]
-    eval_loaders = [make_loader(datasets[name], eval_batch, recipe.data.num_workers) for name in eval_names]
+    sampler, train_loader, eval_loaders = _make_loaders(recipe, data, loaded)
+    eval_names = list(eval_loaders)
 
     updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
     optimizer, scheduler = build_optimizer(loaded.model, recipe.optim, max(total_steps, 1))
-    model, optimizer, train_loader, *eval_loaders = accelerator.prepare(loaded.model, optimizer, train_loader, *eval_loaders)
-    eval_loaders = dict(zip(eval_names, eval_loaders))
+    model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
+                                                                    *eval_loaders.values())
+    eval_loaders = dict(zip(eval_names, prepared))
 
     state = TrainState()
     if resume:
@@ -269,6 +264,19 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
         accelerator.unwrap_model(model).load_state_dict(best.state_dict())
     metrics = _final_metrics(run, model, task, eval_loaders, state, train_seconds)
     return RunResult(run_dir, metrics)
+
+
+def _make_loaders(recipe: Recipe, data: TaskData, loaded: LoadedModel):
+    """Datasets encoded once; the train loader's batch order comes from a resumable sampler."""
+    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
+                for name, split in data.splits.items()}
+    spec, workers = recipe.train, recipe.data.num_workers
+    lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
+    sampler = EpochBatchSampler(len(datasets["train"]), spec.batch_size, spec.seed, lengths=lengths)
+    train_loader = make_loader(datasets["train"], spec.batch_size, workers, sampler)
+    eval_batch = recipe.eval.batch_size or 2 * spec.batch_size
+    eval_loaders = {name: make_loader(datasets[name], eval_batch, workers) for name in ("validation", "test") if name in datasets}
+    return sampler, train_loader, eval_loaders
 
 
 def _resume(run: Run, model, optimizer, scheduler) -> TrainState:

@@ -37,7 +37,7 @@ def read_state_dict(path: str | Path, key: str | None = None, strip_prefix: list
             raise ModelError([f"{path}: cannot read as a torch weights file ({str(error).splitlines()[0]})"]) from None
     state = _unwrap(state, key, path)
     for prefix in strip_prefix:
-        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+        state = {(k.removeprefix(prefix)): v for k, v in state.items()}
     return state
 
 

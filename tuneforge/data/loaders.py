@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -117,13 +115,6 @@ class EpochBatchSampler:
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.skip
-
-
-@dataclass
-class Batches:
-    train: DataLoader | None
-    sampler: EpochBatchSampler | None
-    evaluation: dict[str, DataLoader]
 
 
 def make_dataset(split: Split, label_ids: list[int], preprocessor, max_length: int) -> Dataset:

@@ -38,7 +38,7 @@ class Split:
         return len(self.labels)
 
     def select(self, indices: list[int]) -> Split:
-        pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
+        pick = lambda values: None if values is None else [values[i] for i in indices]
         return Split(
             self.name, self.source, pick(self.labels), pick(self.rows),
             pick(self.texts), pick(self.text_pairs), pick(self.image_paths), list(self.problems),
@@ -129,14 +129,18 @@ def read_image_split(name: str, root: Path) -> Split:
         empty.problems.append(f"{name}: folder {root} does not exist (data.{name})")
         return empty
     labels, paths = [], []
-    class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir())
-    for class_dir in class_dirs:
+    # Images directly in the root are unlabelled (inputs to predict); sub-folders are classes.
+    for path in sorted(root.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            labels.append(None)
+            paths.append(path)
+    for class_dir in sorted(entry for entry in root.iterdir() if entry.is_dir()):
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 labels.append(class_dir.name)
                 paths.append(path)
-    if not class_dirs:
-        empty.problems.append(f"{name}: {root} has no class folders; expected {root}/<label>/<image files>")
+    if not paths:
+        empty.problems.append(f"{name}: {root} holds no images; expected {root}/<label>/<image files>")
         return empty
     return Split(name, str(root), labels, [str(path) for path in paths], image_paths=paths)
 

@@ -11,8 +11,6 @@ from torchmetrics.functional import classification as tmf
 
 class ClassificationTask:
     name = "classification"
-    # Metrics where lower is better; everything else is maximised.
-    lower_is_better = {"loss"}
 
     def __init__(self, label_names: list[str]):
         self.label_names = label_names
