@@ -322,7 +322,7 @@ def test_to_yaml_round_trips_through_load_recipe(tmp_path):
                  "image": {"size": 32, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}},
         "task": {"labels": ["cat", "dog"], "label_names": ["Cat", "Dog"]},
         "train": {"epochs": 0, "max_steps": 10, "mixed_precision": "bf16", "device": "cpu"},
-        "optim": {"lr": 1.0e-4, "betas": [0.8, 0.95], "schedule": "cosine", "warmup_steps": 3},
+        "optim": {"lr": 1.0e-4, "betas": [0.8, 0.95], "schedule": {"name": "cosine", "warmup_steps": 3}},
         "eval": {"metric": "f1_macro", "mode": "max", "batch_size": 7},
         "output": {"dir": "runs/{name}-x"},
     })

@@ -32,6 +32,10 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch already trained on
     best_metric: float | None = None
     best_step: int | None = None
+    evals_without_improvement: int = 0  # for early stopping
+    stopped_early: bool = False
+    skipped_steps: int = 0  # fp16 steps skipped for inf/NaN gradients
+    plateau: dict | None = None  # reduce-on-plateau state (PlateauState.state_dict())
 
 
 def _fsync(path: Path) -> None:
@@ -110,4 +114,4 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> TrainS
     name, keys, position, has_gauss, cached = record["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     fields = TrainState.__dataclass_fields__
-    return TrainState(**{k: record[k] for k in fields})
+    return TrainState(**{k: record[k] for k in fields if k in record})

@@ -20,6 +20,7 @@ class LayerGroup:
     name: str
     modules: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # element count of each parameter in `params`
     count: int = 0
 
 
@@ -70,6 +71,7 @@ def layer_groups(model: nn.Module, head_prefixes: list[str]) -> list[LayerGroup]
         if module not in entry.modules:
             entry.modules.append(module)
         entry.params.append(name)
+        entry.sizes.append(param.numel())
         entry.count += param.numel()
     order = [front] + [f"block.{i}" for i in range(len(blocks))] + ["neck", "head"]
     return [groups[name] for name in order if name in groups]

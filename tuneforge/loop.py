@@ -1,25 +1,38 @@
 """The training loop: one function, read top to bottom.
 
-zero_grad -> forward -> backward -> clip -> step -> schedule, on Accelerate so
-the same code runs on CPU, one GPU, or several processes (torchrun / accelerate launch).
-Cross-cutting work (logging, evaluation, checkpoints) goes through `hooks`.
+zero_grad -> forward -> backward -> clip -> step -> schedule, on Accelerate so the
+same code runs on CPU, one GPU, or several processes (torchrun / accelerate launch).
+The freezing plan decides, from the step alone, which parameters train; cross-cutting
+work (logging, evaluation, checkpoints, early stopping) goes through `hooks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from tuneforge.checkpoint import TrainState
+from tuneforge.freeze import FreezePlan
 
 
 class LoopHooks(Protocol):
     def on_log(self, state: TrainState, record: dict) -> None: ...
-    def on_step_end(self, state: TrainState) -> None: ...  # periodic evaluation / checkpoint
+    def on_stage(self, state: TrainState, index: int) -> None: ...
+    def on_out_of_memory(self, state: TrainState, micro_batch: int, splits: int) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...  # periodic evaluation / checkpoint / early stop
     def on_epoch_end(self, state: TrainState) -> None: ...
+
+
+@dataclass
+class StepTools:
+    """What a step applies besides forward/backward; each may be left out."""
+
+    augment: Callable[[dict], dict] | None = None  # batch -> augmented batch (train only)
+    penalty: Callable[[], torch.Tensor] | None = None  # e.g. L2-SP, added once per optimizer step
 
 
 class Progress:
@@ -46,54 +59,101 @@ class Progress:
             self.bar.stop()
 
 
-def forward_loss(model, task, batch) -> torch.Tensor:
-    return task.loss(model(**batch["inputs"]).logits, batch["labels"])
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
 
 
-def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, state: TrainState,
-        epochs: int, total_steps: int, grad_accum_steps: int, max_grad_norm: float | None,
-        log_every_steps: int, hooks: LoopHooks, console=None) -> TrainState:
-    """Train until `epochs` or `total_steps`, resuming from `state` (its epoch and data position)."""
+def _chunks(batch: dict, splits: int) -> list[tuple[dict, float]]:
+    """Split a batch into `splits` micro-batches, each with its share of the examples."""
+    size = len(batch["labels"])
+    bounds = [round(i * size / splits) for i in range(splits + 1)]
+
+    def part(value, a, b):
+        return {k: part(v, a, b) for k, v in value.items()} if isinstance(value, dict) else value[a:b]
+
+    return [(part(batch, a, b), (b - a) / size) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _backward_window(model, task, window: list[dict], accelerator, splits: int, penalty) -> torch.Tensor:
+    """Forward and backward every micro-batch of one optimizer step; gradients sync on the last only."""
+    pieces = [(chunk, share / len(window)) for batch in window for chunk, share in _chunks(batch, splits)]
+    total = torch.zeros((), device=accelerator.device)
+    for index, (chunk, weight) in enumerate(pieces):
+        last = index == len(pieces) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = task.loss(model(**chunk["inputs"]).logits, chunk["labels"])
+            scaled = loss * weight
+            if last and penalty is not None:
+                scaled = scaled + penalty()
+            accelerator.backward(scaled)
+        total += loss.detach() * weight
+    return total
+
+
+def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan: FreezePlan, state: TrainState,
+        epochs: int, total_steps: int, grad_accum_steps: int, max_grad_norm: float | None, log_every_steps: int,
+        hooks: LoopHooks, tools: StepTools = StepTools(), console=None) -> TrainState:
+    """Train until `epochs`, `total_steps` or early stopping, resuming from `state` (epoch and data position)."""
     progress = Progress(total_steps, state.step, accelerator.is_main_process, console)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    stage = plan.stage_index(state.step)
+    plan.apply(model, stage)
+    hooks.on_stage(state, stage)
+    splits = 1  # micro-batches per loaded batch; doubles on out-of-memory, keeping the effective batch
     # Throughput counts training compute only, not evaluation or checkpoint time.
     loss_sum, loss_count, examples, busy = torch.zeros((), device=accelerator.device), 0, 0, 0.0
     try:
-        while state.epoch < epochs and state.step < total_steps:
+        while state.epoch < epochs and state.step < total_steps and not state.stopped_early:
             sampler.start_epoch(state.epoch, skip=state.batch_in_epoch)
             batches_in_epoch = sampler.batches_per_epoch
-            model.train()
+            plan.train_mode(model, stage)
+            window = []
             for batch in loader:
                 tick = time.perf_counter()
-                # Accumulate gradients over micro-batches; the last group of an epoch may be shorter.
                 position = state.batch_in_epoch + 1
-                is_update = position % grad_accum_steps == 0 or position == batches_in_epoch
-                sync = contextlib.nullcontext() if is_update else accelerator.no_sync(model)
-                with sync:
-                    with accelerator.autocast():
-                        loss = forward_loss(model, task, batch)
-                    accelerator.backward(loss / grad_accum_steps)
+                # Augment once, as the batch arrives, so an out-of-memory retry sees the same images.
+                window.append(tools.augment(batch) if tools.augment else batch)
                 state.batch_in_epoch = position
-                loss_sum += loss.detach()
-                loss_count += 1
-                examples += len(batch["labels"]) * accelerator.num_processes
-                if not is_update:
+                if position % grad_accum_steps and position != batches_in_epoch:
                     busy += time.perf_counter() - tick
-                    continue
+                    continue  # the last group of an epoch may be shorter
 
-                grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm else None
-                lr = optimizer.param_groups[0]["lr"]  # the LR this step used
+                if plan.stage_index(state.step) != stage:
+                    stage = plan.stage_index(state.step)
+                    plan.apply(model, stage)
+                    plan.train_mode(model, stage)
+                    hooks.on_stage(state, stage)
+                while True:
+                    try:
+                        loss = _backward_window(model, task, window, accelerator, splits, tools.penalty)
+                        break
+                    except Exception as error:  # only out-of-memory is handled; anything else propagates
+                        if not is_out_of_memory(error) or splits >= len(window[0]["labels"]):
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        splits *= 2
+                        hooks.on_out_of_memory(state, -(-len(window[0]["labels"]) // splits), splits)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
+                lr = optimizer.param_groups[0]["lr"]  # the LR this step used (first group)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule does not advance
                     scheduler.step()
+                else:
+                    state.skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                loss_sum += loss
+                loss_count += 1
+                examples += sum(len(b["labels"]) for b in window) * accelerator.num_processes
+                window = []
                 busy += time.perf_counter() - tick
 
                 if state.step % log_every_steps == 0 or state.step == total_steps:
                     mean_loss = float(accelerator.reduce(loss_sum, "mean")) / loss_count
                     record = {"type": "train", "step": state.step, "epoch": state.epoch + position / batches_in_epoch,
-                              "loss": round(mean_loss, 6), "lr": lr,
+                              "loss": round(mean_loss, 6), "lr": lr, "stage": stage,
                               "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                               "examples_per_second": round(examples / busy, 2)}
                     hooks.on_log(state, record)
@@ -102,9 +162,9 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, stat
                     loss_count, examples, busy = 0, 0, 0.0
                 progress.update(1)
                 hooks.on_step_end(state)
-                model.train()  # a periodic evaluation switched to eval mode
-                if state.step >= total_steps and position < batches_in_epoch:
-                    break  # max_steps reached inside the epoch
+                plan.train_mode(model, stage)  # a periodic evaluation switched to eval mode
+                if state.stopped_early or (state.step >= total_steps and position < batches_in_epoch):
+                    break
             if state.batch_in_epoch == batches_in_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 hooks.on_epoch_end(state)

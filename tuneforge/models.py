@@ -279,6 +279,27 @@ def load_model(spec, labels: list[str], image_spec) -> LoadedModel:
     return load_hf_model(spec, labels, image_spec)
 
 
+def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
+    """Recompute each block's activations during backward instead of keeping them.
+
+    Non-reentrant checkpointing also works when the block inputs do not require
+    gradients (frozen embeddings), which the reentrant variant silently breaks.
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from tuneforge.groups import find_blocks
+
+    model = loaded.model
+    if loaded.factory is None and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    for path in find_blocks(model, loaded.head_prefixes):
+        block = model.get_submodule(path)
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
 # ---------------------------------------------------------------- model folders
 
 def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str]) -> None:

@@ -16,7 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneforge.data.augment import AugmentSpec
 from tuneforge.errors import RecipeError
+from tuneforge.freeze import FreezeSpec
+from tuneforge.schedules import ScheduleSpec
 
 
 class Section(BaseModel):
@@ -42,6 +45,7 @@ class ModelSpec(Section):
     max_length: int = Field(128, gt=0, description="token limit for text models")
     trust_remote_code: bool = False
     revision: str | None = None
+    freeze: FreezeSpec = FreezeSpec()
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -79,6 +83,8 @@ class DataSpec(Section):
     skip_unreadable_images: bool = False
     num_workers: int = Field(0, ge=0)
     group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: draw classes equally often (with replacement)")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="image augmentation of training batches")
 
     @model_validator(mode="after")
     def _sources(self) -> DataSpec:
@@ -89,6 +95,9 @@ class DataSpec(Section):
 
 class TaskSpec(Section):
     type: Literal["classification"] = "classification"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
     labels: list[str] | None = Field(None, description="label values in class-index order (default: sorted labels of train)")
     label_names: list[str] | None = Field(None, description="display names for the labels, same order")
 
@@ -123,22 +132,45 @@ class TrainSpec(Section):
     checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint at every epoch end")
     keep_checkpoints: int = Field(2, gt=0)
     device: Literal["auto", "cpu"] = "auto"
+    gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, more time")
 
 
 class OptimSpec(Section):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(5e-5, gt=0.0, lt=10.0)
+    lr_strategy: Literal["single", "differential", "layerwise_decay"] = "single"
+    group_lr: dict[str, float] = Field(default_factory=dict,
+                                       description="differential: learning rate per group selector, e.g. {backbone: 1e-5, head: 1e-3}")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="layerwise_decay: LR factor per block from the top")
+    l2sp: float = Field(0.0, ge=0.0, description="L2-SP strength: penalty alpha/2 * |w - w_pretrained|^2 on trained pretrained weights")
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec,
+                                   description="LR schedule with warmup, e.g. {name: cosine, warmup_ratio: 0.1}")
+
+    @model_validator(mode="after")
+    def _strategy_fields(self) -> OptimSpec:
+        if self.lr_strategy == "differential" and not self.group_lr:
+            raise ValueError("lr_strategy differential needs group_lr, e.g. {backbone: 1.0e-5, head: 1.0e-3}")
+        if self.lr_strategy == "layerwise_decay" and self.layer_decay is None:
+            raise ValueError("lr_strategy layerwise_decay needs layer_decay, e.g. 0.8")
+        if self.group_lr and self.lr_strategy != "differential":
+            raise ValueError(f"group_lr is for lr_strategy differential, not {self.lr_strategy}")
+        return self
+
+
+class EarlyStoppingSpec(Section):
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change of eval.metric that counts as improvement")
 
 
 class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="default: evaluate at every epoch end")
-    metric: str = Field("accuracy", description="validation metric that picks the best model")
+    early_stopping: EarlyStoppingSpec | None = None
+    metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
+                    "recall_macro", "recall_weighted", "auc_roc"] = Field(
+        "accuracy", description="validation metric that picks the best model (and drives early stopping)")
     mode: Literal["max", "min"] = "max"
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
 

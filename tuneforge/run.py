@@ -10,7 +10,6 @@ The run directory holds
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -24,18 +23,20 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
-from tuneforge.data.loaders import EpochBatchSampler, make_dataset, make_loader
+from tuneforge.callbacks import CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, write_json_atomic
+from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint
+from tuneforge.data.augment import build_augmenter
+from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
 from tuneforge.errors import RecipeError, ResumeError
-from tuneforge.loop import fit, predict_logits
-from tuneforge.models import LoadedModel, load_model, load_model_folder, save_model_folder
-from tuneforge.optim import build_optimizer
+from tuneforge.freeze import FreezePlan, build_plan
+from tuneforge.groups import layer_groups
+from tuneforge.loop import StepTools, fit, predict_logits
+from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, load_model_folder
+from tuneforge.optim import L2SP, build_optimizer
 from tuneforge.recipe import Recipe, load_recipe
-from tuneforge.tasks.classification import ClassificationTask
-
-MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
-SUMMARY_KEYS = ("accuracy", "f1_macro", "auc_roc", "loss")
+from tuneforge.schedules import PlateauState
+from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 
 
 @dataclass
@@ -57,114 +58,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     if spec.batch_size % accelerator.num_processes:
         raise RecipeError([f"train.batch_size {spec.batch_size} is not divisible by the {accelerator.num_processes} processes"])
     return accelerator
-
-
-def write_json_atomic(path: Path, content) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
-
-
-def replace_folder(folder: Path, write) -> None:
-    """Write a folder under a temporary name, then swap it in, so a reader never sees half of it."""
-    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-    os.rename(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe) -> None:
-    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it."""
-    def write(target: Path) -> None:
-        save_model_folder(loaded, target, data.label_names)
-        info = {"task": recipe.task.type, "modality": data.modality, "label_values": data.labels,
-                "label_names": data.label_names, "max_length": recipe.model.max_length,
-                "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
-                                                                      "label_column", "columns"})}
-        (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
-    replace_folder(folder, write)
-
-
-class Run:
-    """State shared by the hooks of one training run."""
-
-    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console):
-        self.recipe, self.run_dir, self.accelerator, self.console = recipe, run_dir, accelerator, console
-        self.metrics_file = run_dir / "metrics.jsonl"
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def record(self, entry: dict) -> None:
-        if self.main:
-            with self.metrics_file.open("a") as file:
-                file.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
-
-
-class RunHooks:
-    """Logging, evaluation with best-model selection, and checkpoints for the loop."""
-
-    def __init__(self, run: Run, model, optimizer, scheduler, loaded: LoadedModel, task, data: TaskData, eval_loaders):
-        self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
-        self.loaded, self.task, self.data, self.eval_loaders = loaded, task, data, eval_loaders
-        self.spec = run.recipe
-
-    def on_log(self, state: TrainState, record: dict) -> None:
-        self.run.record(record)
-        if self.run.main and not self.run.console.is_terminal:  # logs and CI: no live bar, so print a line
-            self.run.console.print(f"step {state.step} epoch {record['epoch']:.2f}: loss {record['loss']:.4f}, "
-                                   f"lr {record['lr']:.3g}, {record['examples_per_second']:.1f} examples/s")
-
-    def on_step_end(self, state: TrainState) -> None:
-        if self.spec.eval.every_steps and state.step % self.spec.eval.every_steps == 0:
-            self.evaluate(state)
-        if self.spec.train.checkpoint_every_steps and state.step % self.spec.train.checkpoint_every_steps == 0:
-            self.checkpoint(state)
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        if not self.spec.eval.every_steps:
-            self.evaluate(state)
-        self.checkpoint(state)
-
-    def evaluate(self, state: TrainState) -> None:
-        if "validation" not in self.eval_loaders:
-            return
-        logits, labels = predict_logits(self.model, self.eval_loaders["validation"], self.run.accelerator)
-        metrics = self.task.metrics(logits, labels)
-        self.run.record({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
-        monitored = metrics.get(self.spec.eval.metric)
-        better = state.best_metric is None or (
-            monitored > state.best_metric if self.spec.eval.mode == "max" else monitored < state.best_metric)
-        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
-        if self.run.main:
-            self.run.console.print(f"step {state.step} validation: {summary}" + ("  [green]best[/]" if better else ""))
-        if better:
-            state.best_metric, state.best_step = monitored, state.step
-            self.save_best()
-
-    def save_best(self) -> None:
-        if self.run.main:
-            save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec)
-        self.run.accelerator.wait_for_everyone()
-
-    def unwrapped_loaded(self) -> LoadedModel:
-        unwrapped = self.run.accelerator.unwrap_model(self.model)
-        return LoadedModel(unwrapped, self.loaded.preprocessor, self.loaded.modality, self.loaded.head_prefixes,
-                           self.loaded.report, self.loaded.factory)
-
-    def checkpoint(self, state: TrainState) -> None:
-        accelerator = self.run.accelerator
-        if self.run.main:
-            folder = save_checkpoint(self.run.run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model),
-                                     self.optimizer, self.scheduler, accelerator.scaler, state,
-                                     keep=self.spec.train.keep_checkpoints)
-            self.run.record({"type": "checkpoint", "step": state.step, "path": str(folder.relative_to(self.run.run_dir))})
-        accelerator.wait_for_everyone()
 
 
 def _refuse_existing_run(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -226,35 +119,43 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
         _prepare_run_dir(recipe, run_dir, resume, overwrite)
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console)
-    task = ClassificationTask(data.label_names)
+    task = _make_task(recipe, data)
     spec = recipe.train
     sampler, train_loader, eval_loaders = _make_loaders(recipe, data, loaded)
     eval_names = list(eval_loaders)
 
     updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
-    optimizer, scheduler = build_optimizer(loaded.model, recipe.optim, max(total_steps, 1))
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
+    plateau = _plateau(recipe, data)
+    optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
+    # L2-SP snapshots the pretrained weights now, before a checkpoint can replace them.
+    tools = StepTools(augment=_augmenter(recipe, data, loaded, accelerator.device), penalty=_l2sp(recipe, loaded, plan))
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded)
     model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
                                                                     *eval_loaders.values())
     eval_loaders = dict(zip(eval_names, prepared))
 
-    state = TrainState()
-    if resume:
-        state = _resume(run, model, optimizer, scheduler)
-    hooks = RunHooks(run, model, optimizer, scheduler, loaded, task, data, eval_loaders)
+    state = _resume(run, model, optimizer, scheduler) if resume else TrainState()
+    if plateau is not None and state.plateau:
+        plateau.load_state_dict(state.plateau)
+    hooks = RunHooks(run, model, optimizer, scheduler, loaded, task, data, eval_loaders, plan, plateau)
     if main and total_steps:
         console.print(f"training: {total_steps} steps ({spec.epochs} epochs x {updates_per_epoch}), "
                       f"batch {spec.batch_size}, {accelerator.num_processes} process(es) on {accelerator.device}, "
-                      f"precision {spec.mixed_precision}")
+                      f"precision {spec.mixed_precision}, freezing {plan.strategy}")
     started = time.perf_counter()
     state = fit(model=model, task=task, loader=train_loader, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
-                accelerator=accelerator, state=state, epochs=spec.epochs, total_steps=total_steps,
+                accelerator=accelerator, plan=plan, state=state, epochs=spec.epochs, total_steps=total_steps,
                 grad_accum_steps=spec.grad_accum_steps, max_grad_norm=spec.max_grad_norm,
-                log_every_steps=spec.log_every_steps, hooks=hooks, console=console)
+                log_every_steps=spec.log_every_steps, hooks=hooks, tools=tools, console=console)
     train_seconds = time.perf_counter() - started
 
-    if state.step and state.step % updates_per_epoch:  # stopped by max_steps mid-epoch
-        hooks.evaluate(state)
+    if state.batch_in_epoch:  # stopped inside an epoch (max_steps or early stopping)
+        if not state.stopped_early:
+            hooks.evaluate(state)
         hooks.checkpoint(state)
     # Decided on state alone, identical in every process (save_best waits for all of them).
     if state.best_step is None:  # no validation split, or nothing trained
@@ -266,13 +167,60 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     return RunResult(run_dir, metrics)
 
 
+def _plateau(recipe: Recipe, data: TaskData) -> PlateauState | None:
+    if recipe.optim.schedule.name != "plateau":
+        return None
+    if "validation" not in data.splits:
+        raise RecipeError(["optim.schedule plateau lowers the LR when eval.metric stops improving on validation; "
+                           "give data.validation or data.validation_fraction"])
+    return PlateauState(recipe.optim.schedule, recipe.eval.mode)
+
+
+def _make_task(recipe: Recipe, data: TaskData) -> ClassificationTask:
+    weights = recipe.task.class_weights
+    if weights == "balanced":
+        weights = balanced_class_weights(data.label_ids("train"), len(data.labels))
+    elif weights is not None:
+        if len(weights) != len(data.labels):
+            raise RecipeError([f"task.class_weights has {len(weights)} weights for {len(data.labels)} labels "
+                               f"{data.label_names}; give one per label, in that order"])
+        weights = torch.tensor(weights, dtype=torch.float)
+    return ClassificationTask(data.label_names, recipe.task.label_smoothing, weights)
+
+
+def _augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
+    """Batch augmentation for training batches only (evaluation never sees it)."""
+    spec = recipe.data.augment
+    if not spec.is_active:
+        return None
+    if data.modality != "image":
+        raise RecipeError(["data.augment applies to images; this data is text"])
+    processor = loaded.preprocessor
+    augmenter = build_augmenter(spec, processor.image_mean, processor.image_std, len(data.labels)).to(device)
+
+    def augment(batch: dict) -> dict:
+        pixels, targets = augmenter(batch["inputs"]["pixel_values"], batch["labels"])
+        return {**batch, "inputs": {**batch["inputs"], "pixel_values": pixels}, "labels": targets}
+
+    return augment
+
+
+def _l2sp(recipe: Recipe, loaded: LoadedModel, plan: FreezePlan) -> L2SP | None:
+    if not recipe.optim.l2sp:
+        return None
+    head = {name for name, _ in loaded.model.named_parameters()
+            if any(name.startswith(prefix + ".") for prefix in loaded.head_prefixes)}
+    return L2SP(loaded.model, recipe.optim.l2sp, plan.ever_trainable() - head)
+
+
 def _make_loaders(recipe: Recipe, data: TaskData, loaded: LoadedModel):
     """Datasets encoded once; the train loader's batch order comes from a resumable sampler."""
     datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
     spec, workers = recipe.train, recipe.data.num_workers
     lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
-    sampler = EpochBatchSampler(len(datasets["train"]), spec.batch_size, spec.seed, lengths=lengths)
+    weights = balanced_weights(data.label_ids("train")) if recipe.data.sampler == "balanced" else None
+    sampler = EpochBatchSampler(len(datasets["train"]), spec.batch_size, spec.seed, lengths=lengths, weights=weights)
     train_loader = make_loader(datasets["train"], spec.batch_size, workers, sampler)
     eval_batch = recipe.eval.batch_size or 2 * spec.batch_size
     eval_loaders = {name: make_loader(datasets[name], eval_batch, workers) for name in ("validation", "test") if name in datasets}

@@ -81,9 +81,10 @@ class EpochBatchSampler:
     GROUP_WINDOW = 50  # batches per sorting window: enough to match lengths, small enough to stay random
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 lengths: list[int] | None = None):
+                 lengths: list[int] | None = None, weights: list[float] | None = None):
         self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
         self.lengths = lengths
+        self.weights = weights  # draw examples with replacement, in proportion (class-balanced sampling)
         self.epoch, self.skip = 0, 0
 
     @property
@@ -99,8 +100,12 @@ class EpochBatchSampler:
             order = list(range(self.num_examples))
             return [order[i:i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
-        if self.lengths is None:
+        if self.weights is not None:
+            order = torch.multinomial(torch.tensor(self.weights, dtype=torch.double), self.num_examples,
+                                      replacement=True, generator=generator).tolist()
+        else:
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        if self.lengths is None or self.weights is not None:
             return [order[i:i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
         window = self.batch_size * self.GROUP_WINDOW
         batches = []
@@ -115,6 +120,12 @@ class EpochBatchSampler:
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.skip
+
+
+def balanced_weights(label_ids: list[int]) -> list[float]:
+    """Per-example sampling weight 1 / (count of its class): every class is drawn equally often."""
+    counts = torch.bincount(torch.tensor(label_ids)).tolist()
+    return [1.0 / counts[label] for label in label_ids]
 
 
 def make_dataset(split: Split, label_ids: list[int], preprocessor, max_length: int) -> Dataset:

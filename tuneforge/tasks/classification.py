@@ -9,16 +9,29 @@ import torch.nn.functional as F
 from torchmetrics.functional import classification as tmf
 
 
+def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tensor:
+    """n / (k * count_c): inversely proportional to class frequency, 1 for every class when balanced."""
+    counts = torch.bincount(torch.tensor(label_ids), minlength=num_classes).float()
+    return len(label_ids) / (num_classes * counts.clamp(min=1))
+
+
 class ClassificationTask:
     name = "classification"
 
-    def __init__(self, label_names: list[str]):
+    def __init__(self, label_names: list[str], label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
         self.label_names = label_names
         self.num_classes = len(label_names)
+        self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Cross-entropy in float32 even under bf16/fp16 autocast: the softmax needs the range.
-        return F.cross_entropy(logits.float(), labels)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss; `targets` are class indices, or class probabilities after mixup / cutmix.
+
+        Cross-entropy in float32 even under bf16/fp16 autocast: the softmax needs the range.
+        With class weights, the mean is weighted (each example counts by its class weight).
+        """
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=self.label_smoothing)
 
     def predictions(self, logits: torch.Tensor) -> list[dict]:
         probabilities = logits.float().softmax(-1)

@@ -1,0 +1,175 @@
+"""What the loop calls back into: the run directory's records, evaluation with best-model
+selection and early stopping, checkpoints, stage changes and out-of-memory notes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from tuneforge.checkpoint import TrainState, save_checkpoint
+from tuneforge.data.preflight import TaskData
+from tuneforge.freeze import FreezePlan
+from tuneforge.loop import predict_logits
+from tuneforge.models import LoadedModel, save_model_folder
+from tuneforge.recipe import Recipe
+from tuneforge.schedules import PlateauState, refresh_lr
+
+MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
+SUMMARY_KEYS = ("accuracy", "f1_macro", "auc_roc", "loss")
+
+
+def write_json_atomic(path: Path, content) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, path)
+
+
+def replace_folder(folder: Path, write) -> None:
+    """Write a folder under a temporary name, then swap it in, so a reader never sees half of it."""
+    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe) -> None:
+    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it."""
+    def write(target: Path) -> None:
+        save_model_folder(loaded, target, data.label_names)
+        info = {"task": recipe.task.type, "modality": data.modality, "label_values": data.labels,
+                "label_names": data.label_names, "max_length": recipe.model.max_length,
+                "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
+                                                                      "label_column", "columns"})}
+        (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
+    replace_folder(folder, write)
+
+
+class Run:
+    """State shared by the hooks of one training run."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console):
+        self.recipe, self.run_dir, self.accelerator, self.console = recipe, run_dir, accelerator, console
+        self.metrics_file = run_dir / "metrics.jsonl"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def record(self, entry: dict) -> None:
+        if self.main:
+            with self.metrics_file.open("a") as file:
+                file.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+
+
+class RunHooks:
+    """Logging, evaluation with best-model selection, and checkpoints for the loop."""
+
+    def __init__(self, run: Run, model, optimizer, scheduler, loaded: LoadedModel, task, data: TaskData, eval_loaders,
+                 plan: FreezePlan, plateau: PlateauState | None = None):
+        self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
+        self.loaded, self.task, self.data, self.eval_loaders = loaded, task, data, eval_loaders
+        self.plan, self.plateau = plan, plateau
+        self.spec = run.recipe
+
+    def on_stage(self, state: TrainState, index: int) -> None:
+        stage = self.plan.stages[index]
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.run.record({"type": "stage", "step": state.step, "epoch": state.epoch, "stage": index,
+                         "groups": stage.groups, "lr_multiplier": stage.lr_multiplier, "trainable_parameters": trainable})
+        if self.run.main and len(self.plan.stages) > 1:
+            self.run.console.print(f"stage {index} from step {state.step}: training {', '.join(stage.groups)} "
+                                   f"({trainable:,} parameters), LR x{stage.lr_multiplier:g}")
+
+    def on_out_of_memory(self, state: TrainState, micro_batch: int, splits: int) -> None:
+        self.run.record({"type": "out_of_memory", "step": state.step, "micro_batch": micro_batch, "splits": splits,
+                         "grad_accum_steps": self.spec.train.grad_accum_steps * splits})
+        if self.run.main:
+            self.run.console.print(f"[yellow]out of memory at step {state.step}:[/] retrying the step with micro-batches "
+                                   f"of {micro_batch} ({splits} per batch); the effective batch is unchanged")
+
+    def on_log(self, state: TrainState, record: dict) -> None:
+        self.run.record(record)
+        if self.run.main and not self.run.console.is_terminal:  # logs and CI: no live bar, so print a line
+            self.run.console.print(f"step {state.step} epoch {record['epoch']:.2f}: loss {record['loss']:.4f}, "
+                                   f"lr {record['lr']:.3g}, {record['examples_per_second']:.1f} examples/s")
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.spec.eval.every_steps and state.step % self.spec.eval.every_steps == 0:
+            self.evaluate(state)
+        if self.spec.train.checkpoint_every_steps and state.step % self.spec.train.checkpoint_every_steps == 0:
+            self.checkpoint(state)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if not self.spec.eval.every_steps:
+            self.evaluate(state)
+        self.checkpoint(state)
+
+    def evaluate(self, state: TrainState) -> None:
+        if "validation" not in self.eval_loaders:
+            return
+        logits, labels = predict_logits(self.model, self.eval_loaders["validation"], self.run.accelerator)
+        metrics = self.task.metrics(logits, labels)
+        self.run.record({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
+        monitored = metrics[self.spec.eval.metric]
+        if monitored is None:  # e.g. AUC on a validation split that lacks a class
+            if self.run.main:
+                self.run.console.print(f"[yellow]step {state.step}: {self.spec.eval.metric} is undefined on this "
+                                       "validation split; no model selection at this evaluation[/]")
+            return
+        maximise = self.spec.eval.mode == "max"
+        better = state.best_metric is None or (monitored > state.best_metric if maximise else monitored < state.best_metric)
+        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
+        if self.run.main:
+            self.run.console.print(f"step {state.step} validation: {summary}" + ("  [green]best[/]" if better else ""))
+        self._early_stopping(state, monitored, maximise)
+        if self.plateau is not None and self.plateau.update(monitored):
+            refresh_lr(self.scheduler)  # LambdaLR would only pick the new multiplier up at its next step
+            self.run.record({"type": "lr_reduced", "step": state.step, "multiplier": self.plateau.multiplier})
+        if better:
+            state.best_metric, state.best_step = monitored, state.step
+            self.save_best()
+
+    def _early_stopping(self, state: TrainState, monitored: float, maximise: bool) -> None:
+        rule = self.spec.eval.early_stopping
+        if rule is None:
+            return
+        gain = float("inf") if state.best_metric is None else (
+            monitored - state.best_metric if maximise else state.best_metric - monitored)
+        state.evals_without_improvement = 0 if gain > rule.min_delta else state.evals_without_improvement + 1
+        if state.evals_without_improvement >= rule.patience:
+            state.stopped_early = True
+            self.run.record({"type": "early_stop", "step": state.step, "epoch": state.epoch,
+                             "best_step": state.best_step, "best": state.best_metric})
+            if self.run.main:
+                self.run.console.print(f"early stopping at step {state.step}: {self.spec.eval.metric} has not improved "
+                                       f"by more than {rule.min_delta} in {rule.patience} evaluations")
+
+    def save_best(self) -> None:
+        if self.run.main:
+            save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec)
+        self.run.accelerator.wait_for_everyone()
+
+    def unwrapped_loaded(self) -> LoadedModel:
+        unwrapped = self.run.accelerator.unwrap_model(self.model)
+        return LoadedModel(unwrapped, self.loaded.preprocessor, self.loaded.modality, self.loaded.head_prefixes,
+                           self.loaded.report, self.loaded.factory)
+
+    def checkpoint(self, state: TrainState) -> None:
+        accelerator = self.run.accelerator
+        state.plateau = self.plateau.state_dict() if self.plateau is not None else None
+        if self.run.main:
+            folder = save_checkpoint(self.run.run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model),
+                                     self.optimizer, self.scheduler, accelerator.scaler, state,
+                                     keep=self.spec.train.keep_checkpoints)
+            self.run.record({"type": "checkpoint", "step": state.step, "path": str(folder.relative_to(self.run.run_dir))})
+        accelerator.wait_for_everyone()

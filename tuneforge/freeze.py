@@ -1,0 +1,205 @@
+"""Freezing plans as data: a list of stages, each naming the layer groups that train.
+
+Every strategy is a plan of one or more stages:
+  full                everything trains
+  partial             the last N blocks, the neck and the head train
+  feature_extraction  the backbone is a fixed feature extractor (frozen and in eval mode,
+                      so its features are deterministic); the head trains
+  head_only           only the newly added layers train; the backbone keeps its train-mode
+                      behaviour (dropout) but none of its weights move
+  progressive         the stages the recipe lists: each with a length, the groups that
+                      train, and a learning-rate multiplier
+Stage boundaries are optimizer steps, so the stage at any step is a pure function of
+the step and a resumed run lands in the right stage by itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from tuneforge.errors import RecipeError
+from tuneforge.groups import LayerGroup
+
+SELECTORS_HELP = ("group names as `tuneforge inspect` shows them (embeddings or stem, block.K, neck, head), "
+                  "or all, backbone (all but the head), blocks, last:N (the last N blocks)")
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float | None = Field(None, gt=0, description="stage length in epochs")
+    steps: int | None = Field(None, gt=0, description="stage length in optimizer steps")
+    train: list[str] = Field(min_length=1, description=SELECTORS_HELP)
+    lr_multiplier: float = Field(1.0, gt=0, description="multiplies every group's learning rate in this stage")
+
+    @model_validator(mode="after")
+    def _length(self) -> StageSpec:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("a stage needs exactly one length: epochs or steps")
+        return self
+
+
+class FreezeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive"] = "full"
+    trainable_blocks: int | None = Field(None, gt=0, description="partial: how many of the last blocks train")
+    head_hidden: int | None = Field(None, gt=0, description="feature_extraction: hidden width of an MLP head (factory models)")
+    stages: list[StageSpec] | None = Field(None, description="progressive: the stages in order")
+    include: list[str] = Field(default_factory=list, description="regexes of parameter names that always train")
+    exclude: list[str] = Field(default_factory=list, description="regexes of parameter names that never train")
+    train_bn: bool = Field(False, description="let BatchNorm in frozen parts update its running statistics")
+
+    @model_validator(mode="after")
+    def _strategy_fields(self) -> FreezeSpec:
+        if self.strategy == "partial" and self.trainable_blocks is None:
+            raise ValueError("strategy partial needs trainable_blocks (how many of the last blocks train)")
+        if self.strategy == "progressive" and not self.stages:
+            raise ValueError("strategy progressive needs stages, e.g. [{epochs: 1, train: [head]}, {epochs: 2, train: [all]}]")
+        if self.stages and self.strategy != "progressive":
+            raise ValueError(f"stages are for strategy progressive, not {self.strategy}")
+        if self.head_hidden and self.strategy != "feature_extraction":
+            raise ValueError("head_hidden is for strategy feature_extraction")
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return self
+
+
+@dataclass
+class Stage:
+    start_step: int
+    selectors: list[str]
+    lr_multiplier: float
+    trainable: set[str] = field(default_factory=set)  # parameter names
+    groups: list[str] = field(default_factory=list)  # group names that train (wholly or partly)
+
+
+@dataclass
+class FreezePlan:
+    strategy: str
+    stages: list[Stage]
+    backbone_eval: bool  # feature_extraction: frozen backbone also runs in eval mode
+    train_bn: bool
+    head_prefixes: list[str]
+
+    def stage_index(self, step: int) -> int:
+        return max(i for i, stage in enumerate(self.stages) if stage.start_step <= step)
+
+    def lr_multiplier(self, step: int) -> float:
+        return self.stages[self.stage_index(step)].lr_multiplier
+
+    def ever_trainable(self) -> set[str]:
+        return set().union(*(stage.trainable for stage in self.stages))
+
+    def apply(self, model: nn.Module, index: int) -> None:
+        """Set requires_grad for stage `index`."""
+        trainable = self.stages[index].trainable
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trainable)
+
+    def train_mode(self, model: nn.Module, index: int) -> None:
+        """model.train(), then eval mode for what must not change: frozen BatchNorm, a fixed feature extractor."""
+        model.train()
+        trainable = self.stages[index].trainable
+        for name, module in model.named_modules():
+            params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            frozen = params and not any(p in trainable for p in params)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen and not self.train_bn:
+                module.eval()  # running statistics of frozen layers stay the pretrained ones
+        if self.backbone_eval:
+            for name, module in model.named_modules():
+                if name and not any(name == h or name.startswith(h + ".") or h.startswith(name + ".")
+                                    for h in self.head_prefixes):
+                    module.eval()
+
+
+def _resolve(selector: str, groups: list[LayerGroup]) -> list[LayerGroup]:
+    blocks = [g for g in groups if g.name.startswith("block.")]
+    names = [g.name for g in groups]
+    if selector == "all":
+        return groups
+    if selector == "backbone":
+        return [g for g in groups if g.name != "head"]
+    if selector == "blocks":
+        return blocks
+    if selector.startswith("last:"):
+        count = selector[5:]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{selector!r}: last:N needs a whole number N >= 1")
+        if int(count) > len(blocks):
+            raise ValueError(f"{selector!r} asks for {count} blocks but the model has {len(blocks)} "
+                             f"(block.0 … block.{len(blocks) - 1})")
+        return blocks[len(blocks) - int(count):]
+    if selector in names:
+        return [g for g in groups if g.name == selector]
+    raise ValueError(f"{selector!r} is not a layer group of this model; its groups are: {', '.join(names)}")
+
+
+def select_params(selectors: list[str], groups: list[LayerGroup]) -> tuple[set[str], list[str]]:
+    chosen: dict[str, LayerGroup] = {}
+    for selector in selectors:
+        for group in _resolve(selector, groups):
+            chosen[group.name] = group
+    return {p for g in chosen.values() for p in g.params}, [g.name for g in groups if g.name in chosen]
+
+
+def _strategy_stages(spec: FreezeSpec, groups: list[LayerGroup]) -> list[tuple[StageSpec | None, list[str], float]]:
+    if spec.strategy == "full":
+        return [(None, ["all"], 1.0)]
+    if spec.strategy == "partial":
+        has_neck = any(g.name == "neck" for g in groups)
+        return [(None, [f"last:{spec.trainable_blocks}", *(["neck"] if has_neck else []), "head"], 1.0)]
+    if spec.strategy in ("feature_extraction", "head_only"):
+        return [(None, ["head"], 1.0)]
+    return [(stage, stage.train, stage.lr_multiplier) for stage in spec.stages]
+
+
+def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[str], updates_per_epoch: int,
+               total_steps: int) -> FreezePlan:
+    """Resolve the recipe's plan against the model's actual groups; every problem is reported at once."""
+    problems, stages, start = [], [], 0
+    all_params = [p for g in groups for p in g.params]
+    if spec.strategy != "full" and not any(g.name == "head" for g in groups):
+        problems.append("model.freeze: the model has no new head to train (model.new_head is false); use strategy full "
+                        "or name groups explicitly with strategy progressive")
+    for index, (stage_spec, selectors, multiplier) in enumerate(_strategy_stages(spec, groups)):
+        where = f"model.freeze.stages.{index}" if stage_spec else "model.freeze"
+        try:
+            trainable, names = select_params(selectors, groups)
+        except ValueError as error:
+            problems.append(f"{where}.train: {error}")
+            continue
+        trainable |= {p for p in all_params if any(re.search(rx, p) for rx in spec.include)}
+        trainable -= {p for p in all_params if any(re.search(rx, p) for rx in spec.exclude)}
+        if not trainable:
+            problems.append(f"{where}: no parameter would train in this stage (check include/exclude)")
+        stages.append(Stage(start, selectors, multiplier, trainable, names))
+        if stage_spec is not None:
+            start += stage_spec.steps or round(stage_spec.epochs * updates_per_epoch)
+    if spec.strategy == "progressive" and stages and stages[-1].start_step >= total_steps > 0:
+        problems.append(f"model.freeze.stages: the stages start at steps {[s.start_step for s in stages]} but training "
+                        f"has {total_steps} steps, so the last stage would never run; lengthen train.epochs or "
+                        "shorten the stages")
+    if problems:
+        raise RecipeError(problems)
+    return FreezePlan(spec.strategy, stages, spec.strategy == "feature_extraction", spec.train_bn, head_prefixes)
+
+
+def describe_plan(plan: FreezePlan, groups: list[LayerGroup], updates_per_epoch: int) -> list[dict]:
+    """Per stage: where it starts, which groups train, how many parameters train."""
+    counts = {p: n for g in groups for p, n in zip(g.params, g.sizes)}
+    rows = []
+    for index, stage in enumerate(plan.stages):
+        rows.append({"stage": index, "start_step": stage.start_step,
+                     "start_epoch": round(stage.start_step / max(1, updates_per_epoch), 2),
+                     "groups": stage.groups, "lr_multiplier": stage.lr_multiplier,
+                     "trainable_parameters": sum(counts[p] for p in stage.trainable)})
+    return rows
