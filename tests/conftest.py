@@ -51,6 +51,21 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without dropout, for comparisons that must not depend on random masks."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    for file in tiny_bert_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_vit_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel

@@ -16,20 +16,6 @@ from safetensors.torch import load_file
 from tuneforge.checkpoint import complete_checkpoints
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory):
-    # Dropout masks differ between processes, so compare without dropout.
-    import shutil
-
-    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    for file in tiny_bert_dir.iterdir():
-        shutil.copy(file, folder / file.name)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def _train(recipe_file, out, processes: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -41,9 +27,11 @@ def _train(recipe_file, out, processes: int):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path):
+@pytest.mark.parametrize("freeze", [{"strategy": "full"}, {"strategy": "partial", "trainable_blocks": 1}])
+def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path, freeze):
     recipe = text_recipe(tiny_bert_no_dropout, text_data, tmp_path / "unused", epochs=2)
     recipe["model"]["head_dropout"] = 0.0
+    recipe["model"]["freeze"] = freeze
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
 
@@ -52,8 +40,12 @@ def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path):
 
     one = load_file(str(complete_checkpoints(tmp_path / "one" / "checkpoints")[-1] / "model.safetensors"))
     two = load_file(str(complete_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "model.safetensors"))
+    start = load_file(str(tiny_bert_no_dropout / "model.safetensors"))
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+    if freeze["strategy"] == "partial":  # frozen in both, and training really happened in both
+        assert torch.equal(two["bert.encoder.layer.0.output.dense.weight"], start["encoder.layer.0.output.dense.weight"])
+        assert not torch.equal(two["bert.encoder.layer.1.output.dense.weight"], start["encoder.layer.1.output.dense.weight"])
     # One run directory, written once: one eval.json, one line per log step.
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["type"] == "train"]

@@ -110,7 +110,7 @@ def test_problems_from_a_file_name_the_file(tmp_path):
         load_recipe(path)
     assert info.value.source == str(path)
     assert str(info.value).splitlines()[0] == f"1 recipe problem in {path}:"
-    assert "greater than 0" in problem_for(info.value.problems, "train.batch_size")
+    assert "positive whole number or 'auto'" in problem_for(info.value.problems, "train.batch_size")
 
 
 def test_a_section_that_is_not_a_mapping_is_reported():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -36,23 +35,12 @@ def _records(run_dir, kind):
     return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tiny_bert_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bert-no-dropout")
-    for file in tiny_bert_dir.iterdir():
-        shutil.copy(file, folder / file.name)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 # ---------------------------------------------------------------- what trains
 
 @pytest.mark.parametrize("freeze, trains", [
     ({"strategy": "full"}, ("embeddings", "layer.0", "layer.1", "pooler", "classifier")),
     ({"strategy": "partial", "trainable_blocks": 1}, ("layer.1", "pooler", "classifier")),
-    ({"strategy": "feature_extraction"}, ("classifier",)),
+    ({"strategy": "feature_extraction"}, ("pooler", "classifier")),
     ({"strategy": "head_only"}, ("classifier",)),
     ({"strategy": "full", "exclude": ["embeddings"]}, ("layer.0", "layer.1", "pooler", "classifier")),
     ({"strategy": "head_only", "include": [r"layer\.0\.output"]}, ("layer.0.output", "classifier")),
@@ -400,3 +388,109 @@ def test_augmentation_touches_training_batches_only(tiny_vit_dir, image_data, tm
     result = finetune(recipe)
     assert sum(seen) == 2 * 24  # every training example, both epochs; none of the 12 validation images
     assert result.metrics["num_examples"] == 12
+
+
+def test_batch_size_auto_takes_the_largest_that_fits(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    import yaml
+    from transformers import BertForSequenceClassification
+
+    real_forward = BertForSequenceClassification.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and kwargs["input_ids"].shape[0] > 16:  # a training batch over 16 "does not fit"
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", forward)
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1, batch_size="auto")
+    result = finetune(recipe)
+    assert yaml.safe_load((result.run_dir / "recipe.yaml").read_text())["train"]["batch_size"] == 16
+    assert result.metrics["steps"] == 96 // 16
+    # The probe left the pretrained weights alone: a plain run with batch 16 ends the same.
+    plain = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "plain", epochs=1, batch_size=16))
+    a, b = _weights(result.run_dir), _weights(plain.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_feature_extraction_runs_the_backbone_as_a_fixed_extractor(tmp_path, image_data):
+    from examples.cifar_resnet import resnet20
+
+    torch.manual_seed(0)
+    torch.save({"state_dict": resnet20().state_dict()}, tmp_path / "w.th")
+    recipe = {"model": {"factory": "examples.cifar_resnet:resnet20", "weights": str(tmp_path / "w.th"),
+                        "freeze": {"strategy": "feature_extraction", "head_hidden": 16}},
+              "data": {"train": str(image_data["train"]), "image": {"size": 32}},
+              "train": {"epochs": 1, "batch_size": 8}, "output": {"dir": str(tmp_path / "run")}}
+    result = finetune(recipe)
+    weights, start = _weights(result.run_dir), torch.load(tmp_path / "w.th", weights_only=True)["state_dict"]
+    assert torch.equal(weights["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])
+    assert weights["linear.1.weight"].shape == (16, 64) and weights["linear.4.weight"].shape == (2, 16)
+    from tuneforge.models import load_model_folder
+
+    reloaded, _ = load_model_folder(result.run_dir / "model")  # the MLP head is rebuilt on reload
+    assert reloaded.model.net.linear[4].out_features == 2
+
+    # The plan puts every backbone module in eval mode, the head in train mode.
+    from tuneforge.freeze import FreezeSpec, build_plan
+    from tuneforge.recipe import ModelSpec
+
+    loaded = load_model(ModelSpec(factory="examples.cifar_resnet:resnet20", weights=str(tmp_path / "w.th"),
+                                  freeze=FreezeSpec(strategy="feature_extraction", head_hidden=16)), ["a", "b"], IMAGE)
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    plan = build_plan(FreezeSpec(strategy="feature_extraction"), groups, loaded.head_prefixes, 1, 10)
+    plan.train_mode(loaded.model, 0)
+    assert not loaded.model.net.layer2[0].training and not loaded.model.net.conv1.training
+    assert loaded.model.net.linear.training and loaded.model.net.linear[0].training
+
+
+def test_skipped_fp16_steps_are_counted_and_do_not_advance_the_schedule(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    # On a GPU with fp16, the gradient scaler skips steps whose gradients overflowed; here the
+    # skip is simulated at steps 3 and 4, the way Accelerate reports it.
+    from accelerate import Accelerator
+
+    calls = {"n": 0}
+
+    def skipped(self):
+        calls["n"] += 1
+        return calls["n"] in (3, 4)
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped))
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1, log_every_steps=1)
+    recipe["optim"] = {"lr": 1e-3, "schedule": {"name": "linear", "warmup_steps": 0}}
+    result = finetune(recipe)
+    lrs = [r["lr"] for r in _records(result.run_dir, "train")]
+    total = 12
+    # The schedule stood still after the two skipped steps: step 5 used the LR of step 3.
+    expected = [1e-3 * (1 - k / total) for k in (0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert lrs == pytest.approx(expected)
+    assert result.metrics["skipped_steps"] == 2
+
+
+def test_inspect_with_a_recipe_shows_each_stage(tiny_bert_dir, text_data, tmp_path, capsys):
+    import yaml
+
+    from tuneforge.cli import main
+
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=3)
+    recipe["model"]["freeze"] = {"strategy": "progressive", "stages": [
+        {"epochs": 1, "train": ["head"]}, {"epochs": 1, "train": ["last:1", "head"]}, {"epochs": 1, "train": ["all"]}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["inspect", "--recipe", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "freezing plan" in out
+    rows = [line for line in out.splitlines() if line.startswith("│ ") and line.split("│")[1].strip() in ("0", "1", "2")]
+    assert [row.split("│")[2].strip() for row in rows[-3:]] == ["0", "12", "24"]  # 12 steps an epoch
+    head = 32 * 2 + 2
+    assert rows[-3].split("│")[6].strip() == f"{head:,}"
+    assert main(["inspect", "--recipe", str(path), "model.freeze.stages.0.train=[decoder]"]) == 2
+
+
+def test_feature_extraction_keeps_bert_fixed_but_the_head_dropout_on(tiny_bert_dir):
+    loaded = load_model(ModelSpec(name=str(tiny_bert_dir)), ["a", "b"], IMAGE)
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    plan = build_plan(FreezeSpec(strategy="feature_extraction"), groups, loaded.head_prefixes, 1, 10)
+    plan.train_mode(loaded.model, 0)
+    assert not loaded.model.bert.encoder.layer[0].attention.self.dropout.training
+    assert loaded.model.dropout.training and loaded.model.classifier.training
+    assert plan.stages[0].groups == ["neck", "head"]

@@ -131,3 +131,11 @@ def test_evaluate_only_recipe_trains_nothing(tiny_bert_dir, text_data, tmp_path)
     backbone = load_file(str(tiny_bert_dir / "model.safetensors"))
     for key, value in backbone.items():
         assert torch.equal(saved["bert." + key], value), key
+
+
+def test_an_image_model_on_text_data_is_a_clear_error(tiny_vit_dir, text_data, tmp_path):
+    from tuneforge.errors import ModelError
+
+    with pytest.raises(ModelError, match="takes image input but data.train is text data"):
+        finetune(text_recipe(tiny_vit_dir, text_data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started

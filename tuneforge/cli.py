@@ -8,13 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import RecipeError, TuneforgeError
 
 
 def _train(args) -> None:
     from tuneforge.run import finetune
 
     finetune(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def _lr_find(args) -> None:
+    from tuneforge.lr_find import find_lr
+
+    find_lr(args.recipe, args.overrides, output_dir=args.output_dir, start_lr=args.start_lr, end_lr=args.end_lr,
+            steps=args.steps)
 
 
 def _evaluate(args) -> None:
@@ -36,7 +43,12 @@ def _predict(args) -> None:
 def _inspect(args) -> None:
     from tuneforge.inference import inspect_model
 
-    inspect_model(args.model, weights=args.weights, num_labels=args.num_labels)
+    if args.recipe is not None and args.model is not None and "=" in args.model:  # an override, not a model
+        args.overrides, args.model = [args.model, *args.overrides], None
+    if args.model is None and args.recipe is None:
+        raise RecipeError(["inspect needs a MODEL or --recipe RECIPE"])
+    inspect_model(args.model, weights=args.weights, num_labels=args.num_labels, recipe=args.recipe,
+                  overrides=args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.set_defaults(handler=_train)
 
+    lr_find = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest an LR")
+    lr_find.add_argument("recipe", help="YAML recipe")
+    lr_find.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr_strategy=single")
+    lr_find.add_argument("--output-dir", help="folder for lr_find.png and .json (default: run directory + -lr-find)")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="LR of the first step (default 1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=1.0, help="LR of the last step (default 1)")
+    lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps, fewer on divergence (default 100)")
+    lr_find.set_defaults(handler=_lr_find)
+
     evaluate = commands.add_parser("evaluate", help="metrics of a run's model on a labelled file or image folder")
     evaluate.add_argument("run", help="run directory (or its model/ folder)")
     evaluate.add_argument("--data", required=True, help="labelled data, same format and columns as in training")
@@ -64,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=_predict)
 
     inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
-    inspect.add_argument("model", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', or a run directory")
+    inspect.add_argument("model", nargs="?", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', "
+                         "or a run directory (with --recipe: the recipe's model)")
+    inspect.add_argument("--recipe", help="also show, per stage of this recipe's freezing plan, what trains")
+    inspect.add_argument("overrides", nargs="*", help="key.path=value overrides for --recipe")
     inspect.add_argument("--weights", help="weights file for a 'module:function' model")
     inspect.add_argument("--num-labels", type=int, default=2, help="size of the head to attach (default 2)")
     inspect.set_defaults(handler=_inspect)

@@ -4,7 +4,7 @@ Every strategy is a plan of one or more stages:
   full                everything trains
   partial             the last N blocks, the neck and the head train
   feature_extraction  the backbone is a fixed feature extractor (frozen and in eval mode,
-                      so its features are deterministic); the head trains
+                      so its features are deterministic); the neck (a pooler) and the head train
   head_only           only the newly added layers train; the backbone keeps its train-mode
                       behaviour (dropout) but none of its weights move
   progressive         the stages the recipe lists: each with a length, the groups that
@@ -106,7 +106,10 @@ class FreezePlan:
             param.requires_grad_(name in trainable)
 
     def train_mode(self, model: nn.Module, index: int) -> None:
-        """model.train(), then eval mode for what must not change: frozen BatchNorm, a fixed feature extractor."""
+        """model.train(), then eval mode for what must not change: frozen BatchNorm, a fixed feature extractor.
+
+        `model` is the bare model (not a DistributedDataParallel wrapper), so names match the plan's.
+        """
         model.train()
         trainable = self.stages[index].trainable
         for name, module in model.named_modules():
@@ -115,10 +118,13 @@ class FreezePlan:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen and not self.train_bn:
                 module.eval()  # running statistics of frozen layers stay the pretrained ones
         if self.backbone_eval:
+            # The base model (bert, vit, a factory's net) runs as a fixed extractor: no dropout, fixed
+            # statistics. Modules outside it (the head and the dropout in front of it) keep training.
+            root = getattr(model, "base_model_prefix", "")
             for name, module in model.named_modules():
-                if name and not any(name == h or name.startswith(h + ".") or h.startswith(name + ".")
-                                    for h in self.head_prefixes):
-                    module.eval()
+                inside = name == root or name.startswith(root + ".")
+                if inside and not any(name == h or name.startswith(h + ".") for h in self.head_prefixes):
+                    module.training = False  # this module only: eval() would recurse into the head
 
 
 def _resolve(selector: str, groups: list[LayerGroup]) -> list[LayerGroup]:
@@ -157,7 +163,9 @@ def _strategy_stages(spec: FreezeSpec, groups: list[LayerGroup]) -> list[tuple[S
     if spec.strategy == "partial":
         has_neck = any(g.name == "neck" for g in groups)
         return [(None, [f"last:{spec.trainable_blocks}", *(["neck"] if has_neck else []), "head"], 1.0)]
-    if spec.strategy in ("feature_extraction", "head_only"):
+    if spec.strategy == "feature_extraction":  # the neck (e.g. BERT's pooler) is part of the feature head
+        return [(None, [*(["neck"] if any(g.name == "neck" for g in groups) else []), "head"], 1.0)]
+    if spec.strategy == "head_only":
         return [(None, ["head"], 1.0)]
     return [(stage, stage.train, stage.lr_multiplier) for stage in spec.stages]
 

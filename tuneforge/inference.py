@@ -80,23 +80,62 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     return len(predictions)
 
 
-def inspect_model(reference: str, weights: str | None = None, num_labels: int = 2) -> list:
-    """Print the layer groups (stem/embeddings, each block, neck, head) with parameter counts."""
+def inspect_model(reference: str | None, weights: str | None = None, num_labels: int = 2,
+                  recipe: str | None = None, overrides: list[str] | None = None) -> list:
+    """Print the layer groups (stem/embeddings, each block, neck, head) with parameter counts,
+    and with a recipe, what trains in each stage of its freezing plan."""
     from rich.console import Console
 
     from tuneforge.groups import layer_groups, render_groups
+
+    console = Console()
+    if recipe is not None:
+        loaded, plan_rows = _recipe_model_and_plan(recipe, overrides or [])
+    else:
+        loaded, plan_rows = _reference_model(reference, weights, num_labels), None
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    console.print(render_groups(groups))
+    if plan_rows:
+        from rich.table import Table
+
+        table = Table(title="freezing plan")
+        for column in ("stage", "starts at step", "epoch", "groups that train", "LR x", "trainable parameters"):
+            table.add_column(column)
+        for row in plan_rows:
+            table.add_row(str(row["stage"]), str(row["start_step"]), str(row["start_epoch"]), ", ".join(row["groups"]),
+                          f"{row['lr_multiplier']:g}", f"{row['trainable_parameters']:,}")
+        console.print(table)
+    return groups
+
+
+def _reference_model(reference: str, weights: str | None, num_labels: int) -> LoadedModel:
     from tuneforge.models import load_model
     from tuneforge.recipe import ImageSpec, ModelSpec
 
     path = Path(reference)
     if (path / "tuneforge.json").is_file() or (path / "model" / "tuneforge.json").is_file():
-        loaded, _ = load_model_folder(model_folder(path))
+        return load_model_folder(model_folder(path))[0]
+    if ":" in reference and not reference.startswith("pkg:") and not path.exists():
+        spec = ModelSpec(factory=reference, weights=weights, pretrained=weights is not None)
     else:
-        if ":" in reference and not reference.startswith("pkg:") and not path.exists():
-            spec = ModelSpec(factory=reference, weights=weights, pretrained=weights is not None)
-        else:
-            spec = ModelSpec(name=reference)
-        loaded = load_model(spec, [str(i) for i in range(num_labels)], ImageSpec(size=32))
+        spec = ModelSpec(name=reference)
+    return load_model(spec, [str(i) for i in range(num_labels)], ImageSpec(size=32))
+
+
+def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict]]:
+    """The recipe's model with the recipe's labels, and its freezing plan resolved against it."""
+    from tuneforge.data.preflight import load_task_data
+    from tuneforge.freeze import build_plan, describe_plan
+    from tuneforge.groups import layer_groups
+    from tuneforge.models import load_model
+    from tuneforge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    data = load_task_data(recipe.data, recipe.task)
+    loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32
+    updates_per_epoch = -(-(-(-len(data.splits["train"]) // batch)) // recipe.train.grad_accum_steps)
+    total = min(recipe.train.max_steps or 10**12, recipe.train.epochs * updates_per_epoch)
     groups = layer_groups(loaded.model, loaded.head_prefixes)
-    Console().print(render_groups(groups))
-    return groups
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total)
+    return loaded, describe_plan(plan, groups, updates_per_epoch)

@@ -98,8 +98,14 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
         hooks: LoopHooks, tools: StepTools = StepTools(), console=None) -> TrainState:
     """Train until `epochs`, `total_steps` or early stopping, resuming from `state` (epoch and data position)."""
     progress = Progress(total_steps, state.step, accelerator.is_main_process, console)
+    bare = accelerator.unwrap_model(model)  # parameter names as the plan knows them (no DDP prefix)
+
+    def train_mode(stage: int) -> None:
+        model.train()
+        plan.train_mode(bare, stage)
+
     stage = plan.stage_index(state.step)
-    plan.apply(model, stage)
+    plan.apply(bare, stage)
     hooks.on_stage(state, stage)
     splits = 1  # micro-batches per loaded batch; doubles on out-of-memory, keeping the effective batch
     # Throughput counts training compute only, not evaluation or checkpoint time.
@@ -108,7 +114,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
         while state.epoch < epochs and state.step < total_steps and not state.stopped_early:
             sampler.start_epoch(state.epoch, skip=state.batch_in_epoch)
             batches_in_epoch = sampler.batches_per_epoch
-            plan.train_mode(model, stage)
+            train_mode(stage)
             window = []
             for batch in loader:
                 tick = time.perf_counter()
@@ -122,8 +128,8 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
 
                 if plan.stage_index(state.step) != stage:
                     stage = plan.stage_index(state.step)
-                    plan.apply(model, stage)
-                    plan.train_mode(model, stage)
+                    plan.apply(bare, stage)
+                    train_mode(stage)
                     hooks.on_stage(state, stage)
                 while True:
                     try:
@@ -162,7 +168,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     loss_count, examples, busy = 0, 0, 0.0
                 progress.update(1)
                 hooks.on_step_end(state)
-                plan.train_mode(model, stage)  # a periodic evaluation switched to eval mode
+                train_mode(stage)  # a periodic evaluation switched to eval mode
                 if state.stopped_early or (state.step >= total_steps and position < batches_in_epoch):
                     break
             if state.batch_in_epoch == batches_in_epoch:

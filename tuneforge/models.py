@@ -50,6 +50,8 @@ class LoadedModel:
 class FactoryClassifier(nn.Module):
     """Gives a plain PyTorch module the keyword interface the loop uses: model(pixel_values=...).logits."""
 
+    base_model_prefix = "net"  # as in transformers: where the pretrained network sits
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
@@ -109,8 +111,12 @@ def last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def new_classifier(in_features: int, num_labels: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_labels))
+def new_classifier(in_features: int, num_labels: int, dropout: float, hidden: int | None = None) -> nn.Sequential:
+    """Dropout + linear layer, or with `hidden` a small MLP head (for feature extraction)."""
+    if hidden is None:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_labels))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, num_labels))
 
 
 # ---------------------------------------------------------------- image processors
@@ -171,6 +177,10 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
     )
 
     _quiet_transformers()
+    if spec.freeze.head_hidden:
+        raise ModelError(["model.freeze.head_hidden (an MLP head) works with factory models only: a Hugging Face "
+                          "model keeps its own classifier so the exported folder loads with transformers; "
+                          "for a deeper head there, train the neck too (strategy partial with trainable_blocks)"])
     name = resolve_model_path(spec.name)
     common = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     try:
@@ -226,18 +236,18 @@ def _call_factory(reference: str, kwargs: dict) -> nn.Module:
     return net
 
 
-def _attach_head(net: nn.Module, head: str, num_labels: int, dropout: float) -> None:
+def _attach_head(net: nn.Module, head: str, num_labels: int, dropout: float, hidden: int | None = None) -> None:
     old = _get_module(net, head)
     if not isinstance(old, nn.Linear):
         raise ModelError([f"model.head {head!r} is a {type(old).__name__}; the head to replace must be an nn.Linear"])
-    _set_module(net, head, new_classifier(old.in_features, num_labels, dropout))
+    _set_module(net, head, new_classifier(old.in_features, num_labels, dropout, hidden))
 
 
 def build_factory_model(factory: dict, num_labels: int) -> FactoryClassifier:
     """Rebuild a saved factory model's architecture (weights are loaded by the caller)."""
     net = _call_factory(factory["factory"], factory.get("factory_kwargs", {}))
     if factory.get("new_head", True):
-        _attach_head(net, factory["head"], num_labels, factory.get("head_dropout", 0.0))
+        _attach_head(net, factory["head"], num_labels, factory.get("head_dropout", 0.0), factory.get("head_hidden"))
     return FactoryClassifier(net)
 
 
@@ -258,8 +268,9 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
         report = LoadReport(sorted(fits), sorted(absent), sorted(set(state) - set(fits)))
 
     head = spec.head or last_linear(net)
+    hidden = spec.freeze.head_hidden
     if spec.new_head:
-        _attach_head(net, head, len(labels), spec.head_dropout)
+        _attach_head(net, head, len(labels), spec.head_dropout, hidden)
         in_head = lambda key: key.startswith(head + ".")
         report.dropped = sorted(report.dropped + [k for k in report.loaded if in_head(k)])
         report.loaded = [k for k in report.loaded if not in_head(k)]
@@ -268,7 +279,7 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
         raise ModelError([f"model.new_head is false but {head} has {_get_module(net, head).out_features} outputs "
                           f"for {len(labels)} labels; set model.new_head: true"])
     factory = {"factory": spec.factory, "factory_kwargs": spec.factory_kwargs, "head": head,
-               "new_head": spec.new_head, "head_dropout": spec.head_dropout}
+               "new_head": spec.new_head, "head_dropout": spec.head_dropout, "head_hidden": hidden}
     return LoadedModel(FactoryClassifier(net), make_image_processor(image_spec), "image",
                        [f"net.{head}"] if spec.new_head else [], report, factory)
 

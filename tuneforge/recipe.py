@@ -121,9 +121,17 @@ class TaskSpec(Section):
 
 
 class TrainSpec(Section):
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("batch_size must be a positive whole number or 'auto'")
+        return value
+
     epochs: int = Field(3, ge=0, description="0 evaluates the pretrained model without training")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
-    batch_size: int = Field(32, gt=0, description="global batch size per optimizer micro-step")
+    batch_size: int | Literal["auto"] = Field(
+        32, description="global batch per loaded batch; auto: the largest that fits in memory (probed before training)")
     grad_accum_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 42
@@ -250,15 +258,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         keys = path.strip().split(".")
         node = raw
         for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
+            if isinstance(node, list):  # a list item by position, e.g. model.freeze.stages.0.train
+                if not key.isdigit() or int(key) >= len(node):
+                    problems.append(f"override {override!r}: {key} is not a position in a list of {len(node)}")
+                    break
+                child = node[int(key)]
+            else:
+                child = node.get(key)
+                if child is None:
+                    child = node[key] = {}
+            if not isinstance(child, (dict, list)):
                 problems.append(f"override {override!r}: {key} is a value, not a section")
                 break
             node = child
         else:
-            node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text) if text.strip() else None
+            last = keys[-1]
+            if isinstance(node, list):
+                if not last.isdigit() or int(last) >= len(node):
+                    problems.append(f"override {override!r}: {last} is not a position in a list of {len(node)}")
+                    continue
+                node[int(last)] = value
+            else:
+                node[last] = value
     if problems:
         raise RecipeError(problems)
     return raw

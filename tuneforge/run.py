@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -28,10 +28,11 @@ from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoi
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
-from tuneforge.errors import RecipeError, ResumeError
+from tuneforge.errors import ModelError, RecipeError, ResumeError
 from tuneforge.freeze import FreezePlan, build_plan
 from tuneforge.groups import layer_groups
 from tuneforge.loop import StepTools, fit, predict_logits
+from tuneforge.memory import find_batch_size
 from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, load_model_folder
 from tuneforge.optim import L2SP, build_optimizer
 from tuneforge.recipe import Recipe, load_recipe
@@ -53,17 +54,24 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     # so 1 process and N processes take the same optimizer steps.
     # Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU.
     on_cpu = spec.device == "cpu" or not torch.cuda.is_available()
+    # With frozen parameters, DDP must not wait for gradients that never come.
+    freezes = recipe.model.freeze.strategy != "full" or recipe.model.freeze.exclude
     accelerator = Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpu,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if spec.batch_size % accelerator.num_processes:
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(freezes))])
+    if spec.batch_size != "auto" and spec.batch_size % accelerator.num_processes:
         raise RecipeError([f"train.batch_size {spec.batch_size} is not divisible by the {accelerator.num_processes} processes"])
     return accelerator
 
 
-def _refuse_existing_run(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if (run_dir / "recipe.yaml").exists() and not resume and not overwrite:
+def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Before anything is loaded: never clobber a run by accident, never resume an incompatible one."""
+    saved = run_dir / "recipe.yaml"
+    if saved.exists() and not resume and not overwrite:
         raise RecipeError([f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                            "or choose another --output-dir"])
+    if resume and saved.exists():
+        _check_resumable(yaml.safe_load(saved.read_text()), recipe)
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -72,9 +80,7 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: boo
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and has_run:
-        _check_resumable(yaml.safe_load((run_dir / "recipe.yaml").read_text()), recipe)
-    else:
+    if not (resume and has_run):
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
@@ -93,6 +99,9 @@ def _check_resumable(saved: dict, recipe: Recipe) -> None:
 def _load_everything(recipe: Recipe, console: Console, main: bool):
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    if loaded.modality != data.modality:
+        raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
+                          f"data.train is {data.modality} data; pick a {data.modality} model or other data"])
     if main:
         for note in data.notes:
             console.print(f"[yellow]data:[/] {note}")
@@ -112,21 +121,26 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     console = console or Console()
-    _refuse_existing_run(run_dir, resume, overwrite)
+    _check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
     data, loaded = _load_everything(recipe, console, main)  # every data and model check, before any file is written
+    task = _make_task(recipe, data)
+    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
+                for name, split in data.splits.items()}
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    if recipe.train.batch_size == "auto":
+        recipe.train.batch_size = _auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
+                                                   accelerator, console)
     if main:
-        _prepare_run_dir(recipe, run_dir, resume, overwrite)
+        _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console)
-    task = _make_task(recipe, data)
     spec = recipe.train
-    sampler, train_loader, eval_loaders = _make_loaders(recipe, data, loaded)
+    sampler, train_loader, eval_loaders = _make_loaders(recipe, data, datasets)
     eval_names = list(eval_loaders)
 
     updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
-    groups = layer_groups(loaded.model, loaded.head_prefixes)
     plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
     plateau = _plateau(recipe, data)
     optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
@@ -213,10 +227,27 @@ def _l2sp(recipe: Recipe, loaded: LoadedModel, plan: FreezePlan) -> L2SP | None:
     return L2SP(loaded.model, recipe.optim.l2sp, plan.ever_trainable() - head)
 
 
-def _make_loaders(recipe: Recipe, data: TaskData, loaded: LoadedModel):
-    """Datasets encoded once; the train loader's batch order comes from a resumable sampler."""
-    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
-                for name, split in data.splits.items()}
+def _auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: LoadedModel, task, train_set, groups,
+                     accelerator: Accelerator, console: Console) -> int:
+    """Probe the largest batch that fits; a resumed run keeps the size it started with."""
+    saved = run_dir / "recipe.yaml"
+    if resume and saved.exists():
+        return int(yaml.safe_load(saved.read_text())["train"]["batch_size"])
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch=1, total_steps=10**9)
+    plan.apply(loaded.model, 0)
+    loaded.model.to(accelerator.device)
+    per_process, tried = find_batch_size(loaded.model, task, train_set, accelerator.device,
+                                         lambda: plan.train_mode(loaded.model, 0))
+    # Every process must agree: take the smallest.
+    per_process = int(accelerator.gather(torch.tensor([per_process], device=accelerator.device)).min())
+    if accelerator.is_main_process:
+        verdicts = ", ".join(f"{size} {'fits' if fits else 'too big'}" for size, fits in tried)
+        console.print(f"batch size auto: {per_process * accelerator.num_processes} (tried per process: {verdicts})")
+    return per_process * accelerator.num_processes
+
+
+def _make_loaders(recipe: Recipe, data: TaskData, datasets: dict):
+    """The train loader's batch order comes from a resumable sampler; evaluation goes in order."""
     spec, workers = recipe.train, recipe.data.num_workers
     lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
     weights = balanced_weights(data.label_ids("train")) if recipe.data.sampler == "balanced" else None
@@ -256,6 +287,8 @@ def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState,
         "best_step": state.best_step,
         "selection_metric": run.recipe.eval.metric,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "stopped_early": state.stopped_early,
         "train_seconds": round(train_seconds, 1),
         "hardware": {"device": str(run.accelerator.device), "processes": run.accelerator.num_processes,
                      "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
