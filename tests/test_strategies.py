@@ -494,3 +494,18 @@ def test_feature_extraction_keeps_bert_fixed_but_the_head_dropout_on(tiny_bert_d
     assert not loaded.model.bert.encoder.layer[0].attention.self.dropout.training
     assert loaded.model.dropout.training and loaded.model.classifier.training
     assert plan.stages[0].groups == ["neck", "head"]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_bert_no_dropout, text_data, tmp_path):
+    def run(name, batch, accumulate):
+        recipe = text_recipe(tiny_bert_no_dropout, text_data, tmp_path / name, epochs=1, batch_size=batch,
+                             grad_accum_steps=accumulate)
+        recipe["model"]["head_dropout"] = 0.0
+        recipe["data"]["group_by_length"] = False  # same examples in each step for both runs
+        return finetune(recipe)
+
+    big, accumulated = run("big", 16, 1), run("accumulated", 8, 2)
+    assert big.metrics["steps"] == accumulated.metrics["steps"] == 6
+    a, b = _weights(big.run_dir), _weights(accumulated.run_dir)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key

@@ -34,16 +34,16 @@ from tuneforge.models import enable_gradient_checkpointing
 from tuneforge.optim import build_optimizer
 from tuneforge.recipe import Recipe, load_recipe
 
-# Private helpers of run.py: the same assembly as `finetune`, so the range test sees exactly
-# the data, model, task, batch size, loaders, augmentation and L2-SP of training.
+# The same assembly as `finetune`, so the range test sees exactly the data, model, task,
+# batch size, loaders, augmentation and L2-SP of training.
 from tuneforge.run import (
-    _augmenter,
-    _auto_batch_size,
-    _l2sp,
-    _load_everything,
-    _make_loaders,
-    _make_task,
+    auto_batch_size,
+    load_data_and_model,
     make_accelerator,
+    make_augmenter,
+    make_l2sp,
+    make_loaders,
+    make_task,
 )
 
 SMOOTHING = 0.98  # beta of the loss's exponential moving average
@@ -153,15 +153,15 @@ def find_lr(recipe: str | Path | dict | Recipe, overrides: list[str] | None = No
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     set_seed(recipe.train.seed)
-    data, loaded = _load_everything(recipe, console, main)
-    task = _make_task(recipe, data)
+    data, loaded = load_data_and_model(recipe, console, main)
+    task = make_task(recipe, data)
     datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     if recipe.train.batch_size == "auto":  # the batch training would use, probed the same way
-        recipe.train.batch_size = _auto_batch_size(recipe, recipe.output_dir(), False, loaded, task, datasets["train"],
+        recipe.train.batch_size = auto_batch_size(recipe, recipe.output_dir(), False, loaded, task, datasets["train"],
                                                    groups, accelerator, console)
-    sampler, train_loader, _ = _make_loaders(recipe, data, datasets)
+    sampler, train_loader, _ = make_loaders(recipe, data, datasets)
 
     # The plan and optimizer are built for the recipe's real training length, so a
     # recipe whose stages do not fit its training is refused here as in `train`.
@@ -170,7 +170,7 @@ def find_lr(recipe: str | Path | dict | Recipe, overrides: list[str] | None = No
     total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
     plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
     optimizer, _ = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1))  # schedule unused
-    augment, penalty = _augmenter(recipe, data, loaded, accelerator.device), _l2sp(recipe, loaded, plan)
+    augment, penalty = make_augmenter(recipe, data, loaded, accelerator.device), make_l2sp(recipe, loaded, plan)
     reference, scales = _lr_scales(optimizer, recipe.optim.lr)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(loaded)

@@ -96,7 +96,7 @@ def _check_resumable(saved: dict, recipe: Recipe) -> None:
                            "start a new run (another --output-dir) instead"])
 
 
-def _load_everything(recipe: Recipe, console: Console, main: bool):
+def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
     if loaded.modality != data.modality:
@@ -123,20 +123,20 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     console = console or Console()
     _check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
-    data, loaded = _load_everything(recipe, console, main)  # every data and model check, before any file is written
-    task = _make_task(recipe, data)
+    data, loaded = load_data_and_model(recipe, console, main)  # all data and model checks, before any file is written
+    task = make_task(recipe, data)
     datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     if recipe.train.batch_size == "auto":
-        recipe.train.batch_size = _auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
+        recipe.train.batch_size = auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
                                                    accelerator, console)
     if main:
         _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console)
     spec = recipe.train
-    sampler, train_loader, eval_loaders = _make_loaders(recipe, data, datasets)
+    sampler, train_loader, eval_loaders = make_loaders(recipe, data, datasets)
     eval_names = list(eval_loaders)
 
     updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
@@ -145,7 +145,8 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     plateau = _plateau(recipe, data)
     optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
     # L2-SP snapshots the pretrained weights now, before a checkpoint can replace them.
-    tools = StepTools(augment=_augmenter(recipe, data, loaded, accelerator.device), penalty=_l2sp(recipe, loaded, plan))
+    tools = StepTools(augment=make_augmenter(recipe, data, loaded, accelerator.device),
+                      penalty=make_l2sp(recipe, loaded, plan))
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(loaded)
     model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
@@ -190,7 +191,7 @@ def _plateau(recipe: Recipe, data: TaskData) -> PlateauState | None:
     return PlateauState(recipe.optim.schedule, recipe.eval.mode)
 
 
-def _make_task(recipe: Recipe, data: TaskData) -> ClassificationTask:
+def make_task(recipe: Recipe, data: TaskData) -> ClassificationTask:
     weights = recipe.task.class_weights
     if weights == "balanced":
         weights = balanced_class_weights(data.label_ids("train"), len(data.labels))
@@ -202,7 +203,7 @@ def _make_task(recipe: Recipe, data: TaskData) -> ClassificationTask:
     return ClassificationTask(data.label_names, recipe.task.label_smoothing, weights)
 
 
-def _augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
+def make_augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
     """Batch augmentation for training batches only (evaluation never sees it)."""
     spec = recipe.data.augment
     if not spec.is_active:
@@ -219,7 +220,7 @@ def _augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
     return augment
 
 
-def _l2sp(recipe: Recipe, loaded: LoadedModel, plan: FreezePlan) -> L2SP | None:
+def make_l2sp(recipe: Recipe, loaded: LoadedModel, plan: FreezePlan) -> L2SP | None:
     if not recipe.optim.l2sp:
         return None
     head = {name for name, _ in loaded.model.named_parameters()
@@ -227,7 +228,7 @@ def _l2sp(recipe: Recipe, loaded: LoadedModel, plan: FreezePlan) -> L2SP | None:
     return L2SP(loaded.model, recipe.optim.l2sp, plan.ever_trainable() - head)
 
 
-def _auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: LoadedModel, task, train_set, groups,
+def auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: LoadedModel, task, train_set, groups,
                      accelerator: Accelerator, console: Console) -> int:
     """Probe the largest batch that fits; a resumed run keeps the size it started with."""
     saved = run_dir / "recipe.yaml"
@@ -246,7 +247,7 @@ def _auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: Loaded
     return per_process * accelerator.num_processes
 
 
-def _make_loaders(recipe: Recipe, data: TaskData, datasets: dict):
+def make_loaders(recipe: Recipe, data: TaskData, datasets: dict):
     """The train loader's batch order comes from a resumable sampler; evaluation goes in order."""
     spec, workers = recipe.train, recipe.data.num_workers
     lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
