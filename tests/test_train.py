@@ -139,3 +139,10 @@ def test_an_image_model_on_text_data_is_a_clear_error(tiny_vit_dir, text_data, t
     with pytest.raises(ModelError, match="takes image input but data.train is text data"):
         finetune(text_recipe(tiny_vit_dir, text_data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_runs_with_different_precision_follow_each_other(tiny_bert_dir, text_data, tmp_path):
+    first = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "fp32", epochs=1, max_steps=2))
+    second = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "bf16", epochs=1, max_steps=2,
+                                  mixed_precision="bf16"))
+    assert first.metrics["steps"] == second.metrics["steps"] == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -54,6 +55,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     # so 1 process and N processes take the same optimizer steps.
     # Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU.
     on_cpu = spec.device == "cpu" or not torch.cuda.is_available()
+    # Accelerate keeps its settings in a process-wide singleton; forget the previous run's
+    # (precision, device) so several runs can follow each other in one Python session.
+    AcceleratorState._reset_state()
     # With frozen parameters, DDP must not wait for gradients that never come.
     freezes = recipe.model.freeze.strategy != "full" or recipe.model.freeze.exclude
     accelerator = Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpu,
