@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests never touch the network. huggingface_hub reads these once, at import, so set them
+# before anything imports it (the fixtures below do).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 WORDS = ("good great fine lovely superb wonderful excellent bad awful poor terrible boring dull worse "
          "movie film plot actor story scene the a is was and but not very").split()
 POSITIVE = WORDS[:7]

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from tuneforge.checkpoint import TrainState, save_checkpoint
 from tuneforge.data.preflight import TaskData
+from tuneforge.errors import TrainingError
 from tuneforge.freeze import FreezePlan
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, save_model_folder
@@ -54,6 +55,28 @@ def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Re
     replace_folder(folder, write)
 
 
+def repair_run_dir(run_dir: Path) -> list[str]:
+    """Undo what a kill in the middle of a write can leave behind; returns what was repaired.
+
+    - metrics.jsonl: a last line cut short is dropped (every complete line is kept);
+    - model/: a swap interrupted between its two renames leaves only .model.old: put it back.
+    """
+    repaired = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        content = metrics.read_bytes()
+        if content and not content.endswith(b"\n"):
+            with metrics.open("r+b") as file:
+                file.truncate(content.rfind(b"\n") + 1)
+            repaired.append("dropped a half-written last line of metrics.jsonl")
+    model, old = run_dir / MODEL_DIR, run_dir / f".{MODEL_DIR}.old"
+    if not model.exists() and old.exists():
+        os.rename(old, model)
+        repaired.append("restored model/ from an interrupted update")
+    shutil.rmtree(run_dir / f".{MODEL_DIR}.partial", ignore_errors=True)
+    return repaired
+
+
 class Run:
     """State shared by the hooks of one training run."""
 
@@ -89,6 +112,29 @@ class RunHooks:
         if self.run.main and len(self.plan.stages) > 1:
             self.run.console.print(f"stage {index} from step {state.step}: training {', '.join(stage.groups)} "
                                    f"({trainable:,} parameters), LR x{stage.lr_multiplier:g}")
+
+    def on_nonfinite(self, state: TrainState, window: list[dict], loss: float, grad_norm: float) -> None:
+        """A NaN/Inf loss or gradient: stop (default), or skip the step and stop after too many in a row."""
+        rows = self.data.splits["train"].rows
+        examples = [rows[int(i)] for batch in window for i in batch["index"]]
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        self.run.record({"type": "nonfinite", "step": state.step + 1, "loss": str(loss), "grad_norm": str(grad_norm),
+                         "examples": examples})
+        shown = ", ".join(examples[:8]) + (f" and {len(examples) - 8} more" if len(examples) > 8 else "")
+        spec = self.spec.train
+        if spec.nonfinite == "stop":
+            raise TrainingError([f"non-finite value at step {state.step + 1} ({what}); the weights were not updated "
+                                 f"and the last checkpoint is intact. The batch held: {shown}. Lower optim.lr, "
+                                 "check those examples, or set train.nonfinite: skip"])
+        state.nonfinite_skipped += 1
+        state.nonfinite_in_row += 1
+        if self.run.main:
+            self.run.console.print(f"[yellow]skipped step {state.step + 1}: {what} "
+                                   f"({state.nonfinite_in_row} in a row)[/]")
+        if state.nonfinite_in_row >= spec.max_nonfinite_in_row:
+            raise TrainingError([f"{state.nonfinite_in_row} non-finite steps in a row (the last at step "
+                                 f"{state.step + 1}, {what}; its batch held: {shown}); training stopped, the last "
+                                 "checkpoint is intact. Lower optim.lr or check the data"])
 
     def on_out_of_memory(self, state: TrainState, micro_batch: int, splits: int) -> None:
         self.run.record({"type": "out_of_memory", "step": state.step, "micro_batch": micro_batch, "splits": splits,
@@ -170,6 +216,7 @@ class RunHooks:
         if self.run.main:
             folder = save_checkpoint(self.run.run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model),
                                      self.optimizer, self.scheduler, accelerator.scaler, state,
-                                     keep=self.spec.train.keep_checkpoints)
+                                     keep=self.spec.train.keep_checkpoints,
+                                     protect={state.best_step} if state.best_step is not None else set())
             self.run.record({"type": "checkpoint", "step": state.step, "path": str(folder.relative_to(self.run.run_dir))})
         accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from tuneforge.errors import StorageError
 
 PREFIX = "step-"
 
@@ -36,6 +40,8 @@ class TrainState:
     stopped_early: bool = False
     skipped_steps: int = 0  # fp16 steps skipped for inf/NaN gradients
     plateau: dict | None = None  # reduce-on-plateau state (PlateauState.state_dict())
+    nonfinite_skipped: int = 0  # steps skipped for a NaN/Inf loss or gradient (train.nonfinite: skip)
+    nonfinite_in_row: int = 0
 
 
 def _fsync(path: Path) -> None:
@@ -61,30 +67,47 @@ def _python_rng() -> dict:
             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)]}
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint atomically; returns its folder. Older ones beyond `keep` are removed after."""
+def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state: TrainState, keep: int,
+                    protect: set[int] = frozenset()) -> Path:
+    """Write a checkpoint atomically; returns its folder.
+
+    Older checkpoints beyond `keep` are removed only once the new one is complete, and
+    never those whose step is in `protect` (the best one). A failed write (disk full,
+    read-only folder) removes its partial folder and raises StorageError; the previous
+    checkpoints stay as they were.
+    """
     final = directory / f"{PREFIX}{state.step:08d}"
     partial = directory / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-
-    save_model(model, str(partial / "model.safetensors"))
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(partial / "rng.safetensors"))
-    record = {**asdict(state), "scheduler": scheduler.state_dict(),
-              "scaler": scaler.state_dict() if scaler is not None else None, **_python_rng()}
-    (partial / "state.json").write_text(json.dumps(record))
-    for file in partial.iterdir():
-        _fsync(file)
-    _fsync(partial)
-
-    if final.exists():  # the same step saved again (e.g. epoch end right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    _fsync(directory)
-    for old in complete_checkpoints(directory)[:-keep]:
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_model(model, str(partial / "model.safetensors"))
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(partial / "rng.safetensors"))
+        files = {f.name: f.stat().st_size for f in partial.iterdir()}
+        record = {**asdict(state), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict() if scaler is not None else None, **_python_rng(), "files": files}
+        (partial / "state.json").write_text(json.dumps(record))  # written last: its presence marks completeness
+        for file in partial.iterdir():
+            _fsync(file)
+        _fsync(partial)
+        if final.exists():  # the same step saved again (e.g. epoch end right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync(directory)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_checkpoints(directory)
+        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+        raise StorageError([f"cannot write checkpoint {final} ({error.strerror or error}); training stopped and {kept}. "
+                            "Free space or choose a writable --output-dir, then resume"]) from None
+    for old in [c for c in complete_checkpoints(directory) if _step(c) not in protect][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -92,11 +115,42 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=_step)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> TrainState:
-    """Restore everything save_checkpoint wrote. Nothing here unpickles arbitrary objects."""
+def verify_checkpoint(folder: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (None if it can), read without changing anything.
+
+    Every file is opened as loading would open it: JSON, safetensors headers and data,
+    the optimizer state through the weights-only unpickler (which refuses code).
+    """
+    try:
+        record = json.loads((folder / "state.json").read_text())
+        for name, size in record.get("files", {}).items():
+            actual = (folder / name).stat().st_size
+            if actual != size:
+                return f"{name} has {actual} bytes, {size} were written"
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            for key in weights.keys():
+                weights.get_tensor(key)
+        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        if (folder / "rng.safetensors").exists():
+            load_file(str(folder / "rng.safetensors"))
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except pickle.UnpicklingError:
+        return "optimizer.pt needs code execution to load (refused: it is not a plain tensor file)"
+    except Exception as error:  # any parse failure means the same thing: do not load it
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> tuple[TrainState, list[str]]:
+    """Restore everything save_checkpoint wrote; returns the state and warnings about what was missing.
+
+    Nothing here unpickles arbitrary objects.
+    """
+    warnings = []
     record = json.loads((folder / "state.json").read_text())
     load_model(model, str(folder / "model.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
@@ -104,14 +158,23 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> TrainS
     if scaler is not None and record.get("scaler"):
         scaler.load_state_dict(record["scaler"])
 
-    rng = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = record["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = record["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    if (folder / "rng.safetensors").exists() and "python" in record and "numpy" in record:
+        rng = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        version, internal, gauss = record["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, position, has_gauss, cached = record["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    else:
+        warnings.append(f"{folder.name} has no random-number state: training continues, but dropout and "
+                        "shuffling will differ from an uninterrupted run (reproducibility is lost)")
+    if "batch_in_epoch" not in record or "epoch" not in record:
+        warnings.append(f"{folder.name} has no data position: the epoch restarts from its first batch "
+                        "(reproducibility is lost)")
+        record.setdefault("epoch", 0)
+        record["batch_in_epoch"] = 0
     fields = TrainState.__dataclass_fields__
-    return TrainState(**{k: record[k] for k in fields if k in record})
+    return TrainState(**{k: record[k] for k in fields if k in record}), warnings

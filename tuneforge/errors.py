@@ -20,6 +20,12 @@ class TuneforgeError(Exception):
         return "\n".join([header, *(f"  - {problem}" for problem in self.problems)])
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class RecipeError(TuneforgeError):
     kind = "recipe problem"
 
@@ -34,3 +40,11 @@ class ModelError(TuneforgeError):
 
 class ResumeError(TuneforgeError):
     kind = "resume problem"
+
+
+class StorageError(TuneforgeError):
+    kind = "storage problem"
+
+
+class TrainingError(TuneforgeError):
+    kind = "training problem"

@@ -23,6 +23,7 @@ class LoopHooks(Protocol):
     def on_log(self, state: TrainState, record: dict) -> None: ...
     def on_stage(self, state: TrainState, index: int) -> None: ...
     def on_out_of_memory(self, state: TrainState, micro_batch: int, splits: int) -> None: ...
+    def on_nonfinite(self, state: TrainState, window: list[dict], loss: float, grad_norm: float) -> None: ...
     def on_step_end(self, state: TrainState) -> None: ...  # periodic evaluation / checkpoint / early stop
     def on_epoch_end(self, state: TrainState) -> None: ...
 
@@ -141,7 +142,17 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                         optimizer.zero_grad(set_to_none=True)
                         splits *= 2
                         hooks.on_out_of_memory(state, -(-len(window[0]["labels"]) // splits), splits)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
+                # Clipping also measures the gradient norm (an infinite limit only measures).
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+                # With fp16 the gradient scaler handles overflow itself (it skips the step); otherwise a
+                # non-finite loss or gradient must never reach the weights.
+                gradients_bad = accelerator.scaler is None and not torch.isfinite(grad_norm)
+                if not torch.isfinite(loss) or gradients_bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    hooks.on_nonfinite(state, window, float(loss), float(grad_norm))  # raises in stop mode
+                    window = []
+                    continue
+                state.nonfinite_in_row = 0
                 lr = optimizer.param_groups[0]["lr"]  # the LR this step used (first group)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule does not advance
@@ -160,7 +171,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     mean_loss = float(accelerator.reduce(loss_sum, "mean")) / loss_count
                     record = {"type": "train", "step": state.step, "epoch": state.epoch + position / batches_in_epoch,
                               "loss": round(mean_loss, 6), "lr": lr, "stage": stage,
-                              "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                              "grad_norm": round(float(grad_norm), 6),
                               "examples_per_second": round(examples / busy, 2)}
                     hooks.on_log(state, record)
                     progress.update(0, loss=f"{mean_loss:.4f}", speed=f"{examples / busy:.1f}")

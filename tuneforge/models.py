@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.errors import ModelError
+from tuneforge.errors import ModelError, first_line
 from tuneforge.weights import read_state_dict
 
 FACTORY_CONFIG_KEY = "tuneforge_factory"
@@ -167,6 +167,27 @@ def _add_head_dropout(model: nn.Module, head_prefixes: list[str], p: float) -> N
     head.register_forward_pre_hook(lambda module, args: (nn.functional.dropout(args[0], p, module.training), *args[1:]))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(reference: str, name: str, config, common: dict):
+    from transformers import AutoTokenizer
+
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / file).exists() for file in TOKENIZER_FILES):
+        raise ModelError([f"model.name {reference!r}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                          "save the tokenizer with the model (tokenizer.save_pretrained)"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+    except Exception as error:  # transformers raises many kinds for a damaged tokenizer
+        raise ModelError([f"model.name {reference!r}: cannot load its tokenizer ({first_line(error)})"]) from None
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) < vocab // 10:  # an empty stand-in would map every word to [UNK]
+        raise ModelError([f"model.name {reference!r}: its tokenizer knows {len(tokenizer)} tokens but the model has "
+                          f"{vocab}; the tokenizer files are incomplete"])
+    return tokenizer
+
+
 def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
     from transformers import (
         AutoConfig,
@@ -182,11 +203,16 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
                           "model keeps its own classifier so the exported folder loads with transformers; "
                           "for a deeper head there, train the neck too (strategy partial with trainable_blocks)"])
     name = resolve_model_path(spec.name)
+    looks_local = spec.name.startswith(("pkg:", "/", "./", "../", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ModelError([f"model.name {spec.name!r}: folder {name} does not exist"])
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelError([f"model.name {spec.name!r}: {name} has no config.json, so it is not a Hugging Face model folder"])
     common = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     try:
         config = AutoConfig.from_pretrained(name, **common)
     except (OSError, ValueError) as error:
-        raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({str(error).splitlines()[0]})"]) from None
+        raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({first_line(error)})"]) from None
     modality = _hf_modality(config)
     auto_class = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
 
@@ -203,8 +229,11 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
     config = AutoConfig.from_pretrained(name, **common, **overrides)
 
     if spec.pretrained:
-        model, info = auto_class.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
-                                                 output_loading_info=True, **common)
+        try:
+            model, info = auto_class.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
+                                                     output_loading_info=True, **common)
+        except Exception as error:  # missing or damaged weights: transformers raises OSError, SafetensorError, ...
+            raise ModelError([f"model.name {spec.name!r}: cannot load its weights ({first_line(error)})"]) from None
         mismatched = [key for key, *_ in info.get("mismatched_keys", [])]
         new = sorted(set(info["missing_keys"]) | set(mismatched))
         report = LoadReport(sorted(set(model.state_dict()) - set(new)), new,
@@ -217,7 +246,7 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
         _add_head_dropout(model, head, spec.head_dropout)
 
     if modality == "text":
-        preprocessor = AutoTokenizer.from_pretrained(name, **common)
+        preprocessor = _load_tokenizer(spec.name, name, config, common)
     else:
         try:
             defaults = AutoImageProcessor.from_pretrained(name, backend="pil", **common)
@@ -230,7 +259,12 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
 # ---------------------------------------------------------------- factory models
 
 def _call_factory(reference: str, kwargs: dict) -> nn.Module:
-    net = import_factory(reference)(**kwargs)
+    factory = import_factory(reference)
+    try:
+        net = factory(**kwargs)
+    except Exception as error:  # the user's code: report it with what it was called with
+        raise ModelError([f"model.factory {reference!r} failed when called with model.factory_kwargs {kwargs}: "
+                          f"{type(error).__name__}: {first_line(error)}"]) from None
     if not isinstance(net, nn.Module):
         raise ModelError([f"model.factory {reference!r} returned {type(net).__name__}, not a torch.nn.Module"])
     return net
@@ -260,8 +294,13 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
     if spec.pretrained:
         if not spec.weights:
             raise ModelError(["model.factory needs model.weights (or model.pretrained: false for a random start)"])
-        state = read_state_dict(spec.weights, key=spec.weights_key, strip_prefix=spec.strip_prefix)
+        state = read_state_dict(spec.weights, key=spec.weights_key, strip_prefix=spec.strip_prefix,
+                                allow_unsafe_pickle=spec.allow_unsafe_pickle)
         fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if not fits:
+            raise ModelError([f"model.weights {spec.weights}: none of its {len(state)} tensors fit the network "
+                              f"(its keys look like {list(state)[:3]}, the network's like {list(own)[:3]}); "
+                              "set model.strip_prefix or model.weights_key"])
         net.load_state_dict(fits, strict=False)
         # Older checkpoints lack BatchNorm's step counters; those are bookkeeping, not weights.
         absent = {k for k in set(own) - set(fits) if not k.endswith("num_batches_tracked")}

@@ -43,8 +43,9 @@ class ModelSpec(Section):
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     pretrained: bool = Field(True, description="false: same architecture, random initialisation (a baseline)")
     max_length: int = Field(128, gt=0, description="token limit for text models")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="run the model's own Python code from its folder (needs revision)")
     revision: str | None = None
+    allow_unsafe_pickle: bool = Field(False, description="load a weights file that needs full pickle (can run code)")
     freeze: FreezeSpec = FreezeSpec()
 
     @model_validator(mode="after")
@@ -112,6 +113,10 @@ class TaskSpec(Section):
 
     @model_validator(mode="after")
     def _names(self) -> TaskSpec:
+        for key, values in (("labels", self.labels), ("label_names", self.label_names)):
+            if values is not None and len(set(values)) != len(values):
+                repeated = sorted({v for v in values if values.count(v) > 1})
+                raise ValueError(f"task.{key} repeats {repeated}; each class must appear once")
         if self.label_names is not None:
             if self.labels is None:
                 raise ValueError("task.label_names needs task.labels (the raw values they rename)")
@@ -141,6 +146,9 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, gt=0)
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, more time")
+    strict_resume: bool = Field(False, description="refuse to resume when the newest checkpoint is damaged (default: fall back)")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss or gradient: stop, or skip the step")
+    max_nonfinite_in_row: int = Field(5, gt=0, description="skip mode: stop after this many non-finite steps in a row")
 
 
 class OptimSpec(Section):
@@ -184,7 +192,21 @@ class EvalSpec(Section):
 
 
 class OutputSpec(Section):
-    dir: str = "runs/{name}"
+    dir: str = Field("runs/{name}", description="run directory; {name} is replaced by the recipe's name")
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        import string
+
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"not a valid folder pattern ({error})") from None
+        unknown = [field for field in fields if field != "name"]
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; only {{name}} exists")
+        return value
 
 
 class Recipe(Section):
@@ -286,6 +308,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _key_path(loc: tuple) -> tuple:
+    """The recipe keys of an error location, without pydantic's union-member tags such as 'int' or "literal['auto']"."""
+    tags = {"int", "float", "str", "bool", "list", "dict", "none"}
+    return tuple(part for part in loc if not (isinstance(part, str) and (
+        part in tags or "[" in part or part.startswith(("function-", "constrained-")))))
+
+
 def _describe(error: dict, recipe_fields: type[BaseModel]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "(recipe)"
     if error["type"] == "extra_forbidden":
@@ -319,12 +348,20 @@ def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(expanded)
     except ValidationError as error:
+        merged: dict[tuple, list[str]] = {}  # a value that fits no member of a union fails once per member
         for item in error.errors():
+            item = {**item, "loc": _key_path(item["loc"])}
             # Errors from a section-level check carry the section as location.
             if item["type"] == "value_error" and item["loc"]:
-                problems.append(f"{'.'.join(map(str, item['loc']))}: {item['msg'].removeprefix('Value error, ')}")
+                text = f"{'.'.join(map(str, item['loc']))}: {item['msg'].removeprefix('Value error, ')}"
             else:
-                problems.append(_describe(item, Recipe))
+                text = _describe(item, Recipe)
+            merged.setdefault(item["loc"], [])
+            if text not in merged[item["loc"]]:
+                merged[item["loc"]].append(text)
+        for loc, texts in merged.items():
+            prefix = f"{'.'.join(map(str, loc))}: "
+            problems.append(texts[0] if len(texts) == 1 else prefix + " or ".join(t.removeprefix(prefix) for t in texts))
     if problems:
         raise RecipeError(problems, source=source) from None
     return recipe

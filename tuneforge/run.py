@@ -10,6 +10,7 @@ The run directory holds
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -24,8 +25,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, write_json_atomic
-from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint
+from tuneforge.callbacks import CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, write_json_atomic
+from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
@@ -71,6 +72,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Before anything is loaded: never clobber a run by accident, never resume an incompatible one."""
     saved = run_dir / "recipe.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError([f"output directory {run_dir} is a file; choose a folder with --output-dir or output.dir"])
     if saved.exists() and not resume and not overwrite:
         raise RecipeError([f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                            "or choose another --output-dir"])
@@ -84,20 +87,30 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: boo
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (resume and has_run):
+    if resume and has_run:
+        for repair in repair_run_dir(run_dir):
+            print(f"resume: {repair}")
+    else:
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
 def _check_resumable(saved: dict, recipe: Recipe) -> None:
+    """Refuse a resume that cannot continue the saved run; list harmless differences."""
     current = recipe.model_dump(mode="json")
     breaking = [f"{section}.{key}" for section in ("model", "task") for key in current[section]
                 if saved.get(section, {}).get(key) != current[section][key]]
-    for key in ("train", "text_column", "label_column", "format"):
-        if saved.get("data", {}).get(key) != current["data"][key]:
-            breaking.append(f"data.{key}")
+    breaking += [f"data.{key}" for key in ("train", "text_column", "label_column", "format", "max_train_examples",
+                                           "split_seed", "validation_fraction")
+                 if saved.get("data", {}).get(key) != current["data"][key]]
+    breaking += [f"train.{key}" for key in ("batch_size", "grad_accum_steps", "seed")
+                 if saved.get("train", {}).get(key) not in (current["train"][key], None) and current["train"][key] != "auto"]
     if breaking:
         raise ResumeError([f"the recipe changed in a way a resumed run cannot follow: {', '.join(breaking)}; "
                            "start a new run (another --output-dir) instead"])
+    harmless = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+                for key in values if saved.get(section, {}).get(key) != values[key]]
+    if harmless:
+        print(f"resume: continuing although these settings changed: {', '.join(harmless)}")
 
 
 def load_data_and_model(recipe: Recipe, console: Console, main: bool):
@@ -105,7 +118,11 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
     if loaded.modality != data.modality:
         raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
-                          f"data.train is {data.modality} data; pick a {data.modality} model or other data"])
+                          f"data.train is {data.modality} data; choose a model for {data.modality} input or other data"])
+    positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    if data.modality == "text" and positions and recipe.model.max_length > positions:
+        raise ModelError([f"model.max_length {recipe.model.max_length} is more than the {positions} positions this model "
+                          f"has; set model.max_length to at most {positions}"])
     if main:
         for note in data.notes:
             console.print(f"[yellow]data:[/] {note}")
@@ -128,6 +145,11 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     _check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
     data, loaded = load_data_and_model(recipe, console, main)  # all data and model checks, before any file is written
+    saved_info = run_dir / MODEL_DIR / "tuneforge.json"
+    if resume and saved_info.exists() and json.loads(saved_info.read_text())["label_values"] != data.labels:
+        raise ResumeError([f"the label set changed since {run_dir} was trained "
+                           f"({json.loads(saved_info.read_text())['label_values']} -> {data.labels}); "
+                           "a resumed run cannot change its classes: start a new run"])
     task = make_task(recipe, data)
     datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
@@ -135,10 +157,6 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     if recipe.train.batch_size == "auto":
         recipe.train.batch_size = auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
                                                    accelerator, console)
-    if main:
-        _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
-    accelerator.wait_for_everyone()
-    run = Run(recipe, run_dir, accelerator, console)
     spec = recipe.train
     sampler, train_loader, eval_loaders = make_loaders(recipe, data, datasets)
     eval_names = list(eval_loaders)
@@ -153,6 +171,11 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
                       penalty=make_l2sp(recipe, loaded, plan))
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(loaded)
+    # Every check has passed: only now does the run directory appear.
+    if main:
+        _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
+    accelerator.wait_for_everyone()
+    run = Run(recipe, run_dir, accelerator, console)
     model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
                                                                     *eval_loaders.values())
     eval_loaders = dict(zip(eval_names, prepared))
@@ -264,18 +287,30 @@ def make_loaders(recipe: Recipe, data: TaskData, datasets: dict):
 
 
 def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
-    checkpoints = complete_checkpoints(run.run_dir / CHECKPOINT_DIR)
-    if not checkpoints:
+    """Continue from the newest checkpoint that verifies; a corrupt one is skipped (or refused when strict)."""
+    def say(message: str) -> None:
         if run.main:
-            run.console.print(f"[yellow]resume:[/] no complete checkpoint in {run.run_dir / CHECKPOINT_DIR}; starting from step 0")
-        return TrainState()
-    latest = checkpoints[-1]
-    state = load_checkpoint(latest, run.accelerator.unwrap_model(model), optimizer, scheduler, run.accelerator.scaler)
-    if run.main:
-        run.console.print(f"resume: continuing from {latest} (step {state.step}, epoch {state.epoch}, "
-                          f"batch {state.batch_in_epoch})")
-    run.record({"type": "resume", "step": state.step, "path": str(latest.relative_to(run.run_dir))})
-    return state
+            run.console.print(message)
+
+    for folder in reversed(complete_checkpoints(run.run_dir / CHECKPOINT_DIR)):
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            if run.recipe.train.strict_resume:
+                raise ResumeError([f"checkpoint {folder} is damaged ({problem}); train.strict_resume forbids "
+                                   "falling back to an older one"])
+            say(f"[yellow]resume: skipping damaged checkpoint {folder}: {problem}[/]")
+            run.record({"type": "skipped_checkpoint", "path": str(folder.relative_to(run.run_dir)), "why": problem})
+            continue
+        state, warnings = load_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer, scheduler,
+                                          run.accelerator.scaler)
+        for warning in warnings:
+            say(f"[yellow]resume: {warning}[/]")
+        say(f"resume: continuing from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+        run.record({"type": "resume", "step": state.step, "path": str(folder.relative_to(run.run_dir)),
+                    "warnings": warnings})
+        return state
+    say(f"[yellow]resume:[/] no usable checkpoint in {run.run_dir / CHECKPOINT_DIR}; starting from step 0")
+    return TrainState()
 
 
 def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState, train_seconds: float) -> dict:
@@ -293,6 +328,7 @@ def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState,
         "selection_metric": run.recipe.eval.metric,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
+        "nonfinite_skipped": state.nonfinite_skipped,
         "stopped_early": state.stopped_early,
         "train_seconds": round(train_seconds, 1),
         "hardware": {"device": str(run.accelerator.device), "processes": run.accelerator.num_processes,

@@ -7,14 +7,17 @@ whose unpickler only rebuilds tensors and plain containers; anything else is ref
 from __future__ import annotations
 
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-from tuneforge.errors import ModelError
+from tuneforge.errors import ModelError, first_line
 
 
-def read_state_dict(path: str | Path, key: str | None = None, strip_prefix: list[str] | tuple = ()) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str | None = None, strip_prefix: list[str] | tuple = (),
+                    allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError([f"weights file {path} does not exist (model.weights)"])
@@ -27,14 +30,7 @@ def read_state_dict(path: str | Path, key: str | None = None, strip_prefix: list
         except (SafetensorError, OSError, ValueError) as error:
             raise ModelError([f"{path}: not a valid safetensors file ({error})"]) from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ModelError([f"{path}: refused to load: the file needs arbitrary code to unpickle, which could run "
-                              f"anything on this machine ({str(error).splitlines()[0]}). Convert it to safetensors "
-                              "where you trust its origin"]) from None
-        except (RuntimeError, EOFError, OSError) as error:
-            raise ModelError([f"{path}: cannot read as a torch weights file ({str(error).splitlines()[0]})"]) from None
+        state = _read_torch_file(path, allow_unsafe_pickle)
     state = _unwrap(state, key, path)
     for prefix in strip_prefix:
         state = {(k.removeprefix(prefix)): v for k, v in state.items()}
@@ -55,3 +51,59 @@ def _unwrap(state, key: str | None, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError([f"{path}: does not hold a state dict of tensors; name it with model.weights_key"])
     return state
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive; the legacy format starts with a pickle protocol byte."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
+
+
+def _read_torch_file(path: Path, allow_unsafe_pickle: bool):
+    if path.stat().st_size == 0:
+        raise ModelError([f"{path}: the weights file is empty"])
+    if not _looks_like_torch_file(path):
+        raise ModelError([f"{path}: not a torch weights file (nor safetensors); it may be damaged"])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not _pickle_calls_code(path):  # plain data the weights-only loader does not take: not a weights file
+            raise ModelError([f"{path}: cannot read as a torch weights file: it was not written by torch.save, "
+                              "or it is damaged"]) from None
+        if not allow_unsafe_pickle:
+            raise ModelError([f"{path}: refused to load: the file needs arbitrary code to unpickle, which could run "
+                              f"anything on this machine ({first_line(error)}). Convert it to safetensors, "
+                              "or, only for a file you trust, set model.allow_unsafe_pickle: true"]) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ModelError([f"{path}: cannot read as a torch weights file ({first_line(error)})"]) from None
+    warnings.warn(f"{path}: loading with full pickle (model.allow_unsafe_pickle): this can run code", stacklevel=3)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # an unpickler given garbage raises almost anything
+        raise ModelError([f"{path}: cannot read as a torch weights file ({first_line(error)})"]) from None
+
+
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _pickle_calls_code(path: Path) -> bool:
+    """Whether a pickle (or torch.save's zip around one) imports or calls anything.
+
+    pickletools only reads the opcodes; nothing is executed.
+    """
+    import pickletools
+
+    def streams():
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(".pkl"):
+                        yield archive.read(name)
+        else:
+            yield path.read_bytes()
+
+    try:
+        return any(op.name in CODE_OPCODES for data in streams() for op, _, _ in pickletools.genops(data))
+    except Exception:  # not even a readable pickle
+        return False

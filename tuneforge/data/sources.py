@@ -99,7 +99,8 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
         empty.problems.append(f"{name}: {path} is not UTF-8 text{where}; re-save it as UTF-8")
         return empty
     except Exception as error:  # pandas/pyarrow raise many types for malformed files
-        empty.problems.append(f"{name}: cannot read {path} as {fmt}: {str(error).splitlines()[0]}")
+        where = _bad_json_line(path) if fmt == "jsonl" else None
+        empty.problems.append(f"{name}: cannot read {path} as {fmt}: " + (where or str(error).splitlines()[0]))
         return empty
 
     has_labels = spec.label_column in frame.columns
@@ -120,7 +121,18 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
                  texts=frame[spec.text_column].tolist(), text_pairs=pairs)
 
 
-def read_image_split(name: str, root: Path) -> Split:
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON-lines file first breaks, as 'line N: what', or None if every line parses."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not valid JSON ({error.msg}, column {error.colno})"
+    return None
+
+
+def read_image_split(name: str, root: Path, require_labels: bool = True) -> Split:
     """A class-per-folder tree: root/<label>/<image>. Non-image files are ignored."""
     empty = Split(name, str(root), [], [])
     if root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:  # a single unlabelled image (predict)
@@ -142,11 +154,16 @@ def read_image_split(name: str, root: Path) -> Split:
     if not paths:
         empty.problems.append(f"{name}: {root} holds no images; expected {root}/<label>/<image files>")
         return empty
+    if require_labels and all(label is None for label in labels) and not any(e.is_dir() for e in root.iterdir()):
+        # Loose images only: fine as inputs to predict, but training and evaluation need class folders.
+        empty.problems.append(f"{name}: {root} has {len(paths)} images but no class folders; "
+                              f"expected {root}/<label>/<image files>")
+        return Split(name, str(root), labels, [str(p) for p in paths], image_paths=paths, problems=empty.problems)
     return Split(name, str(root), labels, [str(path) for path in paths], image_paths=paths)
 
 
 def read_split(name: str, location: str, spec, require_labels: bool = True) -> Split:
     path = Path(location).expanduser()
     if infer_format(path, spec.format) == "imagefolder" or path.suffix.lower() in IMAGE_SUFFIXES:
-        return read_image_split(name, path)
+        return read_image_split(name, path, require_labels)
     return read_text_split(name, path, spec, require_labels)

@@ -1,0 +1,272 @@
+"""Faults injected on purpose: damaged checkpoints, full disks, NaN losses, hostile pickles, kills."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import text_recipe
+from safetensors.torch import load_file
+
+from tuneforge.callbacks import RunHooks
+from tuneforge.checkpoint import complete_checkpoints, verify_checkpoint
+from tuneforge.cli import main as cli
+from tuneforge.errors import ModelError, ResumeError, StorageError, TrainingError
+from tuneforge.run import finetune
+from tuneforge.tasks.classification import ClassificationTask
+from tuneforge.weights import read_state_dict
+
+SETTINGS = {"epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 10}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def _final_weights(run_dir):
+    return load_file(str(complete_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupted_run(recipe, monkeypatch, step):
+    original = RunHooks.on_step_end
+
+    def stop(self, state):
+        original(self, state)
+        if state.step == step:
+            raise Interrupted
+
+    monkeypatch.setattr(RunHooks, "on_step_end", stop)
+    with pytest.raises(Interrupted):
+        finetune(recipe)
+    monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert_dir, tmp_path_factory):
+    from conftest import sentiment_rows, write_tsv
+
+    root = tmp_path_factory.mktemp("reliability")
+    data = {"train": write_tsv(root / "train.tsv", sentiment_rows(96, seed=1)),
+            "validation": write_tsv(root / "validation.tsv", sentiment_rows(32, seed=2))}
+    result = finetune(text_recipe(tiny_bert_dir, data, root / "whole", **SETTINGS))
+    return data, _final_weights(result.run_dir)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+def test_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                         monkeypatch):
+    data, expected = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
+    newest = tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+    assert "bytes" in verify_checkpoint(newest.parent)
+
+    strict = {**recipe, "train": {**recipe["train"], "strict_resume": True}}
+    with pytest.raises(ResumeError, match="step-00000006 is damaged"):
+        finetune(strict, resume=True)
+    resumed = finetune(recipe, resume=True)
+    skipped = _records(resumed.run_dir, "skipped_checkpoint")
+    assert skipped[0]["path"] == "checkpoints/step-00000006"
+    assert _records(resumed.run_dir, "resume")[-1]["step"] == 3
+    assert _same(_final_weights(resumed.run_dir), expected)
+
+
+def test_hostile_pickle_as_optimizer_state_is_never_unpickled(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 4)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "run" / "checkpoints" / "step-00000003"
+    with open(folder / "optimizer.pt", "wb") as file:
+        pickle.dump({"state": Payload()}, file)
+    state = json.loads((folder / "state.json").read_text())  # sizes made to match, as an attacker would
+    state["files"]["optimizer.pt"] = (folder / "optimizer.pt").stat().st_size
+    (folder / "state.json").write_text(json.dumps(state))
+    result = finetune(recipe, resume=True)
+    assert "code execution" in _records(result.run_dir, "skipped_checkpoint")[0]["why"]
+    assert not marker.exists()
+    with open(tmp_path / "evil.th", "wb") as file:
+        pickle.dump({"state_dict": Payload()}, file)
+    with pytest.raises(ModelError, match="allow_unsafe_pickle"):
+        read_state_dict(tmp_path / "evil.th")
+    assert not marker.exists()
+
+
+def test_missing_rng_state_is_a_warning(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 4)
+    (tmp_path / "run" / "checkpoints" / "step-00000003" / "rng.safetensors").unlink()
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json").read_text())
+    del state["files"]["rng.safetensors"]
+    (tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json").write_text(json.dumps(state))
+    result = finetune(recipe, resume=True)
+    warnings = _records(result.run_dir, "resume")[0]["warnings"]
+    assert any("reproducibility is lost" in w for w in warnings)
+
+
+def test_rotation_never_deletes_the_best_checkpoint(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    data, _ = uninterrupted
+    scripted = iter([0.9, 0.5, 0.6])  # best after epoch 1, then worse
+    real = ClassificationTask.metrics
+
+    def metrics(self, logits, labels):
+        result = real(self, logits, labels)
+        result["accuracy"] = next(scripted, result["accuracy"])
+        return result
+
+    monkeypatch.setattr(ClassificationTask, "metrics", metrics)
+    result = finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", epochs=3, keep_checkpoints=1))
+    assert [p.name for p in complete_checkpoints(result.run_dir / "checkpoints")] == ["step-00000012", "step-00000036"]
+
+
+def test_resume_refuses_a_changed_label_set_and_lists_harmless_changes(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                        monkeypatch, capsys):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 13)  # after epoch 1: the model folder exists
+    with pytest.raises(ResumeError, match="task.labels"):
+        finetune({**recipe, "task": {"labels": ["0", "1", "2"]}}, resume=True)
+    changed = {**recipe, "train": {**recipe["train"], "log_every_steps": 5}}
+    finetune(changed, resume=True)
+    assert "train.log_every_steps" in capsys.readouterr().out
+
+
+def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_last_checkpoint(
+        tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    import tuneforge.checkpoint as checkpoint
+
+    data, _ = uninterrupted
+    real_save = checkpoint.save_model
+    calls = {"n": 0}
+
+    def full_disk(model, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, path)
+
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
+    with pytest.raises(StorageError, match="No space left on device.*step-00000003 is intact"):
+        finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS))
+    folders = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in folders] == ["step-00000003"]  # no half-written folder left
+    assert verify_checkpoint(folders[0]) is None
+    monkeypatch.undo()
+    resumed = finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS), resume=True)
+    assert resumed.metrics["steps"] == 24
+
+
+# ---------------------------------------------------------------- numerical faults
+
+def _nan_at(monkeypatch, steps):
+    real = ClassificationTask.loss
+    calls = {"n": 0}
+
+    def loss(self, logits, targets):
+        calls["n"] += 1
+        value = real(self, logits, targets)
+        return value * float("nan") if calls["n"] in steps else value
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
+
+
+def test_nan_loss_stops_with_the_step_and_the_examples(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    data, _ = uninterrupted
+    _nan_at(monkeypatch, {5})  # one loss call per step here: step 5
+    with pytest.raises(TrainingError) as info:
+        finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS))
+    message = info.value.render()
+    assert "step 5" in message and "train.tsv:" in message
+    newest = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert newest.name == "step-00000003"
+    assert all(torch.isfinite(t).all() for t in load_file(str(newest / "model.safetensors")).values())
+
+
+def test_skip_mode_counts_skipped_steps_and_stops_after_too_many_in_a_row(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                          monkeypatch):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "skip", **SETTINGS)
+    recipe["train"].update(nonfinite="skip", max_nonfinite_in_row=3)
+    _nan_at(monkeypatch, {5, 6})
+    result = finetune(recipe)
+    assert result.metrics["nonfinite_skipped"] == 2
+    assert result.metrics["steps"] == 22  # two of the 24 updates skipped
+    assert [r["step"] for r in _records(result.run_dir, "nonfinite")] == [5, 5]  # the same step number, twice
+
+    monkeypatch.undo()
+    _nan_at(monkeypatch, {5, 6, 7})
+    recipe["output"]["dir"] = str(tmp_path / "stop")
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        finetune(recipe)
+
+
+# ---------------------------------------------------------------- kills
+
+@pytest.mark.slow
+def test_sigkill_during_steps_and_saves_then_resume_matches_uninterrupted(tiny_bert_dir, uninterrupted, tmp_path):
+    data, expected = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "unused", **SETTINGS)
+    recipe["train"]["checkpoint_every_steps"] = 1  # a save every step: kills land inside saves too
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tuneforge", "train", str(recipe_file), "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    rng = random.Random(0)
+    kills = {"in_save": 0, "in_step": 0}
+    for attempt in range(5):
+        process = subprocess.Popen(command + (["--resume"] if attempt else []), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target_in_save = attempt % 2 == 0
+        deadline = time.monotonic() + 120
+        seen = len(complete_checkpoints(out / "checkpoints"))
+        while process.poll() is None and time.monotonic() < deadline:
+            checkpoints = out / "checkpoints"
+            saving = checkpoints.is_dir() and any(p.name.endswith(".partial") for p in checkpoints.iterdir())
+            progressed = len(complete_checkpoints(checkpoints)) > seen + rng.randint(1, 3)
+            if (target_in_save and saving and progressed) or (not target_in_save and progressed):
+                process.send_signal(signal.SIGKILL)
+                kills["in_save" if saving else "in_step"] += 1
+                break
+            time.sleep(0.0005)
+        process.wait()
+    assert kills["in_save"] >= 1 and kills["in_step"] >= 1, kills
+    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _same(_final_weights(out), expected)
+    assert json.loads((out / "eval.json").read_text())["steps"] == 24
+
+
+def test_cli_exit_code_for_runtime_faults(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    data, _ = uninterrupted
+    _nan_at(monkeypatch, {2})
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)))
+    assert cli(["train", str(recipe_file)]) == 2
+    assert "non-finite value at step 2" in capsys.readouterr().err
