@@ -146,6 +146,21 @@ def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> d
     }
 
 
+def script_accuracy(monkeypatch, values: list[float]) -> None:
+    """Make successive evaluations report these accuracies (then the real ones): a scripted metric sequence."""
+    from tuneforge.tasks.classification import ClassificationTask
+
+    scripted = iter(values)
+    real = ClassificationTask.metrics
+
+    def metrics(self, logits, labels):
+        result = real(self, logits, labels)
+        result["accuracy"] = next(scripted, result["accuracy"])
+        return result
+
+    monkeypatch.setattr(ClassificationTask, "metrics", metrics)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_offline(monkeypatch):
     # Tests never touch the network.

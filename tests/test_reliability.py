@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import text_recipe
+from conftest import script_accuracy, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge.callbacks import RunHooks
@@ -132,15 +132,7 @@ def test_missing_rng_state_is_a_warning(tiny_bert_dir, uninterrupted, tmp_path, 
 
 def test_rotation_never_deletes_the_best_checkpoint(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
     data, _ = uninterrupted
-    scripted = iter([0.9, 0.5, 0.6])  # best after epoch 1, then worse
-    real = ClassificationTask.metrics
-
-    def metrics(self, logits, labels):
-        result = real(self, logits, labels)
-        result["accuracy"] = next(scripted, result["accuracy"])
-        return result
-
-    monkeypatch.setattr(ClassificationTask, "metrics", metrics)
+    script_accuracy(monkeypatch, [0.9, 0.5, 0.6])  # best after epoch 1, then worse
     result = finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", epochs=3, keep_checkpoints=1))
     assert [p.name for p in complete_checkpoints(result.run_dir / "checkpoints")] == ["step-00000012", "step-00000036"]
 
@@ -270,3 +262,37 @@ def test_cli_exit_code_for_runtime_faults(tiny_bert_dir, uninterrupted, tmp_path
     recipe_file.write_text(yaml.safe_dump(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)))
     assert cli(["train", str(recipe_file)]) == 2
     assert "non-finite value at step 2" in capsys.readouterr().err
+
+
+def test_an_unwritable_model_folder_is_a_clear_error(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    import tuneforge.callbacks as callbacks
+
+    data, _ = uninterrupted
+    real = callbacks.save_run_model
+    calls = {"n": 0}
+
+    def read_only(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second best model: the folder has become read-only
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "save_run_model", read_only)
+    script_accuracy(monkeypatch, [0.5, 0.9])
+    with pytest.raises(StorageError, match="Permission denied.*step-00000024 is intact"):
+        finetune(text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS))
+    assert verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000024") is None
+
+
+def test_malformed_safetensors_are_clean_errors(tmp_path):
+    import struct
+
+    header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, ' \
+             b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}'
+    overlapping = tmp_path / "overlap.safetensors"
+    overlapping.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
+    oversized = tmp_path / "oversized.safetensors"
+    oversized.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    for path in (overlapping, oversized):
+        with pytest.raises(ModelError, match="not a valid safetensors file"):
+            read_state_dict(path)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import text_recipe
+from conftest import script_accuracy, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge.checkpoint import complete_checkpoints
@@ -223,15 +223,7 @@ def test_frozen_parameters_are_not_in_the_optimizer(tiny_bert_dir):
 # ---------------------------------------------------------------- regularisation
 
 def test_early_stopping_on_a_scripted_metric_sequence(tiny_bert_dir, text_data, tmp_path, monkeypatch):
-    scripted = iter([0.50, 0.70, 0.65, 0.69, 0.90])  # best after epoch 2; no gain in epochs 3 and 4
-    real = ClassificationTask.metrics
-
-    def metrics(self, logits, labels):
-        result = real(self, logits, labels)
-        result["accuracy"] = next(scripted, result["accuracy"])
-        return result
-
-    monkeypatch.setattr(ClassificationTask, "metrics", metrics)
+    script_accuracy(monkeypatch, [0.50, 0.70, 0.65, 0.69, 0.90])  # best after epoch 2, no gain in 3 and 4
     recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=10, keep_checkpoints=10)
     recipe["eval"] = {"metric": "accuracy", "early_stopping": {"patience": 2, "min_delta": 0.0}}
     result = finetune(recipe)

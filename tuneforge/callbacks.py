@@ -3,6 +3,7 @@ selection and early stopping, checkpoints, stage changes and out-of-memory notes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from rich.console import Console
 
 from tuneforge.checkpoint import TrainState, save_checkpoint
 from tuneforge.data.preflight import TaskData
-from tuneforge.errors import TrainingError
+from tuneforge.errors import StorageError, TrainingError
 from tuneforge.freeze import FreezePlan
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, save_model_folder
@@ -55,6 +56,18 @@ def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Re
     replace_folder(folder, write)
 
 
+@contextlib.contextmanager
+def storage_errors(target: Path):
+    """A failed write (disk full, read-only folder) becomes a StorageError that says what is still safe."""
+    try:
+        yield
+    except OSError as error:
+        checkpoints = sorted(p.name for p in (target.parent / CHECKPOINT_DIR).glob("step-*")) if target.parent else []
+        kept = f"the last checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint was written yet"
+        raise StorageError([f"cannot write {target} ({error.strerror or error}); training stopped and {kept}. "
+                            "Free space or choose a writable --output-dir, then resume"]) from None
+
+
 def repair_run_dir(run_dir: Path) -> list[str]:
     """Undo what a kill in the middle of a write can leave behind; returns what was repaired.
 
@@ -90,8 +103,9 @@ class Run:
 
     def record(self, entry: dict) -> None:
         if self.main:
-            with self.metrics_file.open("a") as file:
-                file.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+            with storage_errors(self.metrics_file):
+                with self.metrics_file.open("a") as file:
+                    file.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
 
 
 class RunHooks:
@@ -202,7 +216,8 @@ class RunHooks:
 
     def save_best(self) -> None:
         if self.run.main:
-            save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec)
+            with storage_errors(self.run.run_dir / MODEL_DIR):
+                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec)
         self.run.accelerator.wait_for_everyone()
 
     def unwrapped_loaded(self) -> LoadedModel:

@@ -194,7 +194,6 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
         AutoImageProcessor,
         AutoModelForImageClassification,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     _quiet_transformers()

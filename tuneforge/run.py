@@ -25,7 +25,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, write_json_atomic
+from tuneforge.callbacks import (CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, storage_errors,
+                                 write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
@@ -335,7 +336,8 @@ def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState,
                      "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
     }
     if run.main:
-        write_json_atomic(run.run_dir / "eval.json", result)
+        with storage_errors(run.run_dir / "eval.json"):
+            write_json_atomic(run.run_dir / "eval.json", result)
         for name, values in splits.items():
             summary = ", ".join(f"{k} {values[k]:.4f}" for k in SUMMARY_KEYS if values.get(k) is not None)
             run.console.print(f"final {name}: {summary}")
