@@ -13,9 +13,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from rich.console import Console
 
-from tuneforge.checkpoint import TrainState, save_checkpoint
+from tuneforge.checkpoint import TrainState, save_checkpoint, storage_error
 from tuneforge.data.preflight import TaskData
-from tuneforge.errors import StorageError, TrainingError
+from tuneforge.errors import TrainingError
 from tuneforge.freeze import FreezePlan
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, save_model_folder
@@ -62,10 +62,7 @@ def storage_errors(target: Path):
     try:
         yield
     except OSError as error:
-        checkpoints = sorted(p.name for p in (target.parent / CHECKPOINT_DIR).glob("step-*")) if target.parent else []
-        kept = f"the last checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint was written yet"
-        raise StorageError([f"cannot write {target} ({error.strerror or error}); training stopped and {kept}. "
-                            "Free space or choose a writable --output-dir, then resume"]) from None
+        raise storage_error(target, error, target.parent / CHECKPOINT_DIR) from None
 
 
 def repair_run_dir(run_dir: Path) -> list[str]:

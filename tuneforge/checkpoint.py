@@ -97,13 +97,18 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state:
         _fsync(directory)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
-        previous = complete_checkpoints(directory)
-        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
-        raise StorageError([f"cannot write checkpoint {final} ({error.strerror or error}); training stopped and {kept}. "
-                            "Free space or choose a writable --output-dir, then resume"]) from None
+        raise storage_error(final, error, directory) from None
     for old in [c for c in complete_checkpoints(directory) if _step(c) not in protect][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def storage_error(target: Path, error: OSError, checkpoints: Path) -> StorageError:
+    """A failed write (disk full, read-only folder), saying which checkpoint is still safe to resume from."""
+    complete = complete_checkpoints(checkpoints)
+    kept = f"the last checkpoint {complete[-1].name} is intact" if complete else "no checkpoint was written yet"
+    return StorageError([f"cannot write {target} ({error.strerror or error}); training stopped and {kept}. "
+                         "Free space or choose a writable --output-dir, then resume"])
 
 
 def _step(folder: Path) -> int:

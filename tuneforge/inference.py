@@ -129,13 +129,13 @@ def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[Load
     from tuneforge.groups import layer_groups
     from tuneforge.models import load_model
     from tuneforge.recipe import load_recipe
+    from tuneforge.run import training_length
 
     recipe = load_recipe(recipe_path, overrides)
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
-    batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32
-    updates_per_epoch = -(-(-(-len(data.splits["train"]) // batch)) // recipe.train.grad_accum_steps)
-    total = min(recipe.train.max_steps or 10**12, recipe.train.epochs * updates_per_epoch)
+    batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32  # auto is only known by probing
+    updates_per_epoch, total = training_length(-(-len(data.splits["train"]) // batch), recipe.train)
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total)
     return loaded, describe_plan(plan, groups, updates_per_epoch)

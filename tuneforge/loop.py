@@ -77,7 +77,7 @@ def _chunks(batch: dict, splits: int) -> list[tuple[dict, float]]:
     return [(part(batch, a, b), (b - a) / size) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _backward_window(model, task, window: list[dict], accelerator, splits: int, penalty) -> torch.Tensor:
+def backward_window(model, task, window: list[dict], accelerator, splits: int, penalty) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step; gradients sync on the last only."""
     pieces = [(chunk, share / len(window)) for batch in window for chunk, share in _chunks(batch, splits)]
     total = torch.zeros((), device=accelerator.device)
@@ -134,7 +134,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     hooks.on_stage(state, stage)
                 while True:
                     try:
-                        loss = _backward_window(model, task, window, accelerator, splits, tools.penalty)
+                        loss = backward_window(model, task, window, accelerator, splits, tools.penalty)
                         break
                     except Exception as error:  # only out-of-memory is handled; anything else propagates
                         if not is_out_of_memory(error) or splits >= len(window[0]["labels"]):

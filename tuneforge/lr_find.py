@@ -25,26 +25,10 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from tuneforge.callbacks import write_json_atomic
-from tuneforge.data.loaders import make_dataset
 from tuneforge.errors import RecipeError
-from tuneforge.freeze import build_plan
-from tuneforge.groups import layer_groups
-from tuneforge.loop import Progress
-from tuneforge.models import enable_gradient_checkpointing
-from tuneforge.optim import build_optimizer
+from tuneforge.loop import Progress, backward_window
 from tuneforge.recipe import Recipe, load_recipe
-
-# The same assembly as `finetune`, so the range test sees exactly the data, model, task,
-# batch size, loaders, augmentation and L2-SP of training.
-from tuneforge.run import (
-    auto_batch_size,
-    load_data_and_model,
-    make_accelerator,
-    make_augmenter,
-    make_l2sp,
-    make_loaders,
-    make_task,
-)
+from tuneforge.run import assemble, make_accelerator
 
 SMOOTHING = 0.98  # beta of the loss's exponential moving average
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss exceeds this many times the best one
@@ -153,30 +137,14 @@ def find_lr(recipe: str | Path | dict | Recipe, overrides: list[str] | None = No
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     set_seed(recipe.train.seed)
-    data, loaded = load_data_and_model(recipe, console, main)
-    task = make_task(recipe, data)
-    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
-                for name, split in data.splits.items()}
-    groups = layer_groups(loaded.model, loaded.head_prefixes)
-    if recipe.train.batch_size == "auto":  # the batch training would use, probed the same way
-        recipe.train.batch_size = auto_batch_size(recipe, recipe.output_dir(), False, loaded, task, datasets["train"],
-                                                   groups, accelerator, console)
-    sampler, train_loader, _ = make_loaders(recipe, data, datasets)
-
-    # The plan and optimizer are built for the recipe's real training length, so a
-    # recipe whose stages do not fit its training is refused here as in `train`.
-    spec = recipe.train
-    updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
-    total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
-    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
-    optimizer, _ = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1))  # schedule unused
-    augment, penalty = make_augmenter(recipe, data, loaded, accelerator.device), make_l2sp(recipe, loaded, plan)
+    # Built for the recipe's real training length: a recipe `train` would refuse is refused here too.
+    t = assemble(recipe, accelerator, console, recipe.output_dir(), resume=False)
+    spec, plan, optimizer, sampler = recipe.train, t.plan, t.optimizer, t.sampler  # the schedule goes unused
+    augment, penalty = t.tools.augment, t.tools.penalty
     reference, scales = _lr_scales(optimizer, recipe.optim.lr)
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(loaded)
-    plan.apply(loaded.model, 0)
-    model, optimizer, train_loader = accelerator.prepare(loaded.model, optimizer, train_loader)
-    plan.train_mode(model, 0)
+    plan.apply(t.loaded.model, 0)
+    model, optimizer, train_loader = accelerator.prepare(t.loaded.model, optimizer, t.train_loader)
+    plan.train_mode(t.loaded.model, 0)  # the bare model: names match the plan's under DDP too
 
     if main:
         console.print(f"lr-find: {steps} steps, LR {start_lr:g} -> {end_lr:g} for group "
@@ -186,7 +154,7 @@ def find_lr(recipe: str | Path | dict | Recipe, overrides: list[str] | None = No
 
     def step_on_next_batch() -> float:
         batch = next(batches)
-        return _train_step(model, task, augment(batch) if augment else batch, optimizer, accelerator,
+        return _train_step(model, t.task, augment(batch) if augment else batch, optimizer, accelerator,
                            spec.max_grad_norm, penalty)
 
     progress = Progress(steps, 0, main, console)
@@ -246,14 +214,12 @@ def _cycle(loader, sampler):
 
 def _train_step(model, task, batch: dict, optimizer, accelerator, max_grad_norm: float | None, penalty) -> float:
     """One optimizer step on one batch, as the training loop does it; returns the task loss (mean over processes)."""
-    with accelerator.autocast():
-        loss = task.loss(model(**batch["inputs"]).logits, batch["labels"])
-    accelerator.backward(loss + penalty() if penalty is not None else loss)
+    loss = backward_window(model, task, [batch], accelerator, 1, penalty)
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(accelerator.reduce(loss.detach().float(), "mean"))
+    return float(accelerator.reduce(loss.float(), "mean"))
 
 
 def _finite(values: list[float]) -> list[float | None]:

@@ -11,6 +11,7 @@ are restored.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -25,8 +26,6 @@ FIRST, LARGEST = 8, 1024
 def _total_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

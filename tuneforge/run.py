@@ -133,6 +133,64 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     return data, loaded
 
 
+def training_length(batches_per_epoch: int, spec) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for a train spec."""
+    updates_per_epoch = -(-batches_per_epoch // spec.grad_accum_steps)
+    return updates_per_epoch, min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
+
+
+@dataclass
+class Assembly:
+    """Everything a training run is made of, built and checked before anything is written."""
+
+    data: TaskData
+    loaded: LoadedModel
+    task: ClassificationTask
+    sampler: EpochBatchSampler
+    train_loader: object
+    eval_loaders: dict
+    groups: list
+    updates_per_epoch: int
+    total_steps: int
+    plan: FreezePlan
+    plateau: PlateauState | None
+    optimizer: object
+    scheduler: object
+    tools: StepTools
+
+
+def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir: Path, resume: bool) -> Assembly:
+    """Data, model, task, loaders, freezing plan and optimizer, as `train` (and `lr-find`) use them.
+
+    Resolves train.batch_size: auto into the recipe. Raises on any problem; writes nothing.
+    """
+    data, loaded = load_data_and_model(recipe, console, accelerator.is_main_process)
+    saved_info = run_dir / MODEL_DIR / "tuneforge.json"
+    saved_labels = json.loads(saved_info.read_text())["label_values"] if resume and saved_info.exists() else None
+    if saved_labels is not None and saved_labels != data.labels:
+        raise ResumeError([f"the label set changed since {run_dir} was trained ({saved_labels} -> {data.labels}); "
+                           "a resumed run cannot change its classes: start a new run"])
+    task = make_task(recipe, data)
+    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
+                for name, split in data.splits.items()}
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    if recipe.train.batch_size == "auto":
+        recipe.train.batch_size = auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
+                                                   accelerator, console)
+    sampler, train_loader, eval_loaders = make_loaders(recipe, data, datasets)
+    updates_per_epoch, total_steps = training_length(sampler.batches_per_epoch, recipe.train)
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
+    plateau = _plateau(recipe, data)
+    optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
+    # L2-SP snapshots the pretrained weights now, before a checkpoint can replace them.
+    tools = StepTools(augment=make_augmenter(recipe, data, loaded, accelerator.device),
+                      penalty=make_l2sp(recipe, loaded, plan))
+    if recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded)
+    return Assembly(data, loaded, task, sampler, train_loader, eval_loaders, groups, updates_per_epoch, total_steps,
+                    plan, plateau, optimizer, scheduler, tools)
+
+
 def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, output_dir: str | Path | None = None,
              resume: bool = False, overwrite: bool = False, console: Console | None = None) -> RunResult:
     """Fine-tune as the recipe says; returns the run directory and the final metrics (eval.json)."""
@@ -145,33 +203,10 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     console = console or Console()
     _check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
-    data, loaded = load_data_and_model(recipe, console, main)  # all data and model checks, before any file is written
-    saved_info = run_dir / MODEL_DIR / "tuneforge.json"
-    if resume and saved_info.exists() and json.loads(saved_info.read_text())["label_values"] != data.labels:
-        raise ResumeError([f"the label set changed since {run_dir} was trained "
-                           f"({json.loads(saved_info.read_text())['label_values']} -> {data.labels}); "
-                           "a resumed run cannot change its classes: start a new run"])
-    task = make_task(recipe, data)
-    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
-                for name, split in data.splits.items()}
-    groups = layer_groups(loaded.model, loaded.head_prefixes)
-    if recipe.train.batch_size == "auto":
-        recipe.train.batch_size = auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,
-                                                   accelerator, console)
-    spec = recipe.train
-    sampler, train_loader, eval_loaders = make_loaders(recipe, data, datasets)
-    eval_names = list(eval_loaders)
-
-    updates_per_epoch = -(-sampler.batches_per_epoch // spec.grad_accum_steps)
-    total_steps = min(spec.max_steps or 10**12, spec.epochs * updates_per_epoch)
-    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
-    plateau = _plateau(recipe, data)
-    optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
-    # L2-SP snapshots the pretrained weights now, before a checkpoint can replace them.
-    tools = StepTools(augment=make_augmenter(recipe, data, loaded, accelerator.device),
-                      penalty=make_l2sp(recipe, loaded, plan))
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(loaded)
+    t = assemble(recipe, accelerator, console, run_dir, resume)  # every check, before any file is written
+    data, loaded, task, spec, plan, plateau = t.data, t.loaded, t.task, recipe.train, t.plan, t.plateau
+    optimizer, scheduler, train_loader, eval_loaders = t.optimizer, t.scheduler, t.train_loader, t.eval_loaders
+    updates_per_epoch, total_steps, eval_names = t.updates_per_epoch, t.total_steps, list(t.eval_loaders)
     # Every check has passed: only now does the run directory appear.
     if main:
         _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
@@ -190,10 +225,10 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
                       f"batch {spec.batch_size}, {accelerator.num_processes} process(es) on {accelerator.device}, "
                       f"precision {spec.mixed_precision}, freezing {plan.strategy}")
     started = time.perf_counter()
-    state = fit(model=model, task=task, loader=train_loader, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
+    state = fit(model=model, task=task, loader=train_loader, sampler=t.sampler, optimizer=optimizer, scheduler=scheduler,
                 accelerator=accelerator, plan=plan, state=state, epochs=spec.epochs, total_steps=total_steps,
                 grad_accum_steps=spec.grad_accum_steps, max_grad_norm=spec.max_grad_norm,
-                log_every_steps=spec.log_every_steps, hooks=hooks, tools=tools, console=console)
+                log_every_steps=spec.log_every_steps, hooks=hooks, tools=t.tools, console=console)
     train_seconds = time.perf_counter() - started
 
     if state.batch_in_epoch:  # stopped inside an epoch (max_steps or early stopping)

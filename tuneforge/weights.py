@@ -77,6 +77,7 @@ def _read_torch_file(path: Path, allow_unsafe_pickle: bool):
                               "or, only for a file you trust, set model.allow_unsafe_pickle: true"]) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ModelError([f"{path}: cannot read as a torch weights file ({first_line(error)})"]) from None
+    # Reached only with the user's explicit model.allow_unsafe_pickle: true, after the safe load refused.
     warnings.warn(f"{path}: loading with full pickle (model.allow_unsafe_pickle): this can run code", stacklevel=3)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
