@@ -23,6 +23,7 @@ from tuneforge.recipe import Recipe
 from tuneforge.schedules import PlateauState, refresh_lr
 
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
+FEATURE_CACHE_DIR = "feature_cache"  # per split: a frozen prefix's outputs (see feature_cache.py)
 SUMMARY_KEYS = ("accuracy", "f1_macro", "auc_roc", "loss")
 
 

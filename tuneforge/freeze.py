@@ -5,12 +5,16 @@ Every strategy is a plan of one or more stages:
   partial             the last N blocks, the neck and the head train
   feature_extraction  the backbone is a fixed feature extractor (frozen and in eval mode,
                       so its features are deterministic); the neck (a pooler) and the head train
-  head_only           only the newly added layers train; the backbone keeps its train-mode
-                      behaviour (dropout) but none of its weights move
+  head_only           only the newly added layers train
   progressive         the stages the recipe lists: each with a length, the groups that
                       train, and a learning-rate multiplier
 Stage boundaries are optimizer steps, so the stage at any step is a pure function of
 the step and a resumed run lands in the right stage by itself.
+
+The embeddings (or stem) and leading blocks that stay frozen in every stage are the
+plan's fixed prefix. It runs in eval mode (no dropout), so it is a fixed function of
+the input: that is what lets the feature cache compute it once and reuse it every
+epoch, and a run with the cache equals the same run without it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tuneforge.errors import RecipeError
-from tuneforge.groups import LayerGroup
+from tuneforge.groups import LayerGroup, covering_modules, frozen_prefix
 
 SELECTORS_HELP = ("group names as `tuneforge inspect` shows them (embeddings or stem, block.K, neck, head), "
                   "or all, backbone (all but the head), blocks, last:N (the last N blocks)")
@@ -89,6 +93,7 @@ class FreezePlan:
     backbone_eval: bool  # feature_extraction: frozen backbone also runs in eval mode
     train_bn: bool
     head_prefixes: list[str]
+    fixed: list[LayerGroup] = field(default_factory=list)  # the prefix frozen in every stage (see the module doc)
 
     def stage_index(self, step: int) -> int:
         return max(i for i, stage in enumerate(self.stages) if stage.start_step <= step)
@@ -117,6 +122,8 @@ class FreezePlan:
             frozen = params and not any(p in trainable for p in params)
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen and not self.train_bn:
                 module.eval()  # running statistics of frozen layers stay the pretrained ones
+        for path in self.fixed_modules(model):
+            model.get_submodule(path).eval()
         if self.backbone_eval:
             # The base model (bert, vit, a factory's net) runs as a fixed extractor: no dropout, fixed
             # statistics. Modules outside it (the head and the dropout in front of it) keep training.
@@ -125,6 +132,13 @@ class FreezePlan:
                 inside = name == root or name.startswith(root + ".")
                 if inside and not any(name == h or name.startswith(h + ".") for h in self.head_prefixes):
                     module.training = False  # this module only: eval() would recurse into the head
+
+    def fixed_modules(self, model: nn.Module) -> list[str]:
+        """Module paths of the fixed prefix: whole modules where they can be found, else those holding its parameters."""
+        covering = covering_modules(model, self.fixed)
+        if covering is not None:
+            return covering
+        return [m for group in self.fixed for m in group.modules]
 
 
 def _resolve(selector: str, groups: list[LayerGroup]) -> list[LayerGroup]:
@@ -198,7 +212,10 @@ def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[s
                         "shorten the stages")
     if problems:
         raise RecipeError(problems)
-    return FreezePlan(spec.strategy, stages, spec.strategy == "feature_extraction", spec.train_bn, head_prefixes)
+    plan = FreezePlan(spec.strategy, stages, spec.strategy == "feature_extraction", spec.train_bn, head_prefixes)
+    if not spec.train_bn:  # BatchNorm statistics that keep moving would make the prefix a moving target
+        plan.fixed = frozen_prefix(groups, set(all_params) - plan.ever_trainable())
+    return plan
 
 
 def describe_plan(plan: FreezePlan, groups: list[LayerGroup], updates_per_epoch: int) -> list[dict]:

@@ -93,3 +93,53 @@ def render_groups(groups: list[LayerGroup], trainable: set[str] | None = None) -
     total = sum(g.count for g in groups)
     table.add_row("total", "", f"{total:,}", *([""] if trainable is not None else []))
     return table
+
+
+def frozen_prefix(groups: list[LayerGroup], frozen: set[str]) -> list[LayerGroup]:
+    """The embeddings (or stem) and the leading blocks whose parameters are all in `frozen`.
+
+    Empty unless at least one block is frozen behind the front: below that, caching the
+    front's output saves too little to be worth it.
+    """
+    if not groups or groups[0].name not in ("embeddings", "stem") or not set(groups[0].params) <= frozen:
+        return []
+    blocks = []
+    for group in groups[1:]:
+        if not group.name.startswith("block.") or not set(group.params) <= frozen:
+            break
+        blocks.append(group)
+    return [groups[0], *blocks] if blocks else []
+
+
+def covering_modules(model: nn.Module, prefix: list[LayerGroup]) -> list[str] | None:
+    """Whole modules that compute exactly the prefix groups, in forward order, or None.
+
+    The front is one module when its parameters share a parent that holds no block
+    (BERT's and ViT's `embeddings`); otherwise it is the run of sibling modules from
+    the first one holding a front parameter up to the block container (a ResNet's
+    conv1, bn1, and parameter-free ones such as a max-pool). The blocks follow.
+    """
+    if not prefix:
+        return None
+    front, blocks = prefix[0], [g.modules[0] for g in prefix[1:]]
+    paths = [m.split(".") for m in front.modules]
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    parent = ".".join(common)
+    if parent and not any(_within(b, parent) for b in blocks):
+        return [parent, *blocks]
+    if parent in front.modules:
+        return None  # a front parameter sits directly on the container of the blocks
+    run, started = [], False
+    container = model.get_submodule(parent)
+    for name, _ in container.named_children():
+        path = f"{parent}.{name}" if parent else name
+        if any(_within(b, path) for b in blocks):
+            break
+        started = started or any(_within(m, path) for m in front.modules)
+        if started:
+            run.append(path)
+    return [*run, *blocks] if run else None

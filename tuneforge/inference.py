@@ -36,7 +36,7 @@ def _load(run) -> tuple[LoadedModel, dict, DataSpec]:
 def _logits(loaded: LoadedModel, split, label_ids: list[int], info: dict):
     dataset = make_dataset(split, label_ids, loaded.preprocessor, info["max_length"])
     accelerator = Accelerator()
-    model, loader = accelerator.prepare(loaded.model, make_loader(dataset, 64, 0))
+    model, loader = accelerator.prepare(loaded.model, make_loader(dataset, 64, "auto"))
     return predict_logits(model, loader, accelerator)
 
 

@@ -82,7 +82,8 @@ class DataSpec(Section):
     columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
     image: ImageSpec = ImageSpec()
     skip_unreadable_images: bool = False
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="loader processes; auto: images are decoded in up to 4 workers, text (tokenised once) needs none")
     group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: draw classes equally often (with replacement)")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="image augmentation of training batches")
@@ -146,6 +147,9 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, gt=0)
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, more time")
+    cache_features: bool | Literal["auto"] = Field(
+        "auto", description="compute a frozen prefix (embeddings + leading frozen blocks) once and train the rest on "
+                            "its stored outputs; auto: whenever the plan and data allow it, true: require it")
     strict_resume: bool = Field(False, description="refuse to resume when the newest checkpoint is damaged (default: fall back)")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss or gradient: stop, or skip the step")
     max_nonfinite_in_row: int = Field(5, gt=0, description="skip mode: stop after this many non-finite steps in a row")

@@ -25,13 +25,14 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import (CHECKPOINT_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, storage_errors,
+from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, storage_errors,
                                  write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
 from tuneforge.errors import ModelError, RecipeError, ResumeError
+from tuneforge.feature_cache import FrozenPrefix, cache_splits, choose_prefix, remove_hooks
 from tuneforge.freeze import FreezePlan, build_plan
 from tuneforge.groups import layer_groups
 from tuneforge.loop import StepTools, fit, predict_logits
@@ -157,6 +158,8 @@ class Assembly:
     optimizer: object
     scheduler: object
     tools: StepTools
+    datasets: dict
+    prefix: FrozenPrefix | None  # what the feature cache will compute once, if anything
 
 
 def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir: Path, resume: bool) -> Assembly:
@@ -187,8 +190,40 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
                       penalty=make_l2sp(recipe, loaded, plan))
     if recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(loaded)
+    prefix, why_not = choose_prefix(recipe.train.cache_features, plan, loaded.model, tools.augment is not None,
+                                    accelerator.num_processes)
+    if recipe.train.cache_features is True and prefix is None:
+        raise RecipeError([f"train.cache_features is true but there is nothing to cache: {why_not}; "
+                           "set it to auto (cache when possible) or false"])
     return Assembly(data, loaded, task, sampler, train_loader, eval_loaders, groups, updates_per_epoch, total_steps,
-                    plan, plateau, optimizer, scheduler, tools)
+                    plan, plateau, optimizer, scheduler, tools, datasets, prefix)
+
+
+def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator) -> list:
+    """Swap the train and validation loaders for cached ones; returns the replay hooks to remove at the end."""
+    started = time.perf_counter()
+    model = t.loaded.model.to(accelerator.device)
+    splits = {name: t.datasets[name] for name in ("train", "validation") if name in t.datasets}
+    eval_batch = recipe.eval.batch_size or 2 * recipe.train.batch_size
+    try:
+        cached, handles = cache_splits(model, t.prefix, splits, run.run_dir / FEATURE_CACHE_DIR, eval_batch,
+                                       accelerator.device)
+    except (ValueError, TypeError) as error:
+        if recipe.train.cache_features is True:
+            raise ModelError([f"train.cache_features: {error}; set it to auto or false"]) from None
+        run.console.print(f"[yellow]feature cache: off ({error})[/]")
+        return []
+    t.train_loader = make_loader(cached["train"], recipe.train.batch_size, recipe.data.num_workers, t.sampler)
+    if "validation" in cached:
+        t.eval_loaders["validation"] = make_loader(cached["validation"], eval_batch, recipe.data.num_workers)
+    seconds = time.perf_counter() - started
+    covered = f"{t.prefix.groups[0]} + {t.prefix.groups[1]}…{t.prefix.groups[-1]}"
+    if run.main:
+        run.console.print(f"feature cache: {covered} computed once for {', '.join(cached)} "
+                          f"({seconds:.1f} s); training runs only the layers after it")
+    run.record({"type": "feature_cache", "groups": t.prefix.groups, "boundary": t.prefix.boundary,
+                "splits": {name: len(dataset) for name, dataset in cached.items()}, "seconds": round(seconds, 2)})
+    return handles
 
 
 def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, output_dir: str | Path | None = None,
@@ -199,19 +234,25 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
         recipe.output.dir = str(output_dir)
     run_dir = recipe.output_dir()
     accelerator = make_accelerator(recipe)
-    main = accelerator.is_main_process
     console = console or Console()
     _check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
     t = assemble(recipe, accelerator, console, run_dir, resume)  # every check, before any file is written
-    data, loaded, task, spec, plan, plateau = t.data, t.loaded, t.task, recipe.train, t.plan, t.plateau
-    optimizer, scheduler, train_loader, eval_loaders = t.optimizer, t.scheduler, t.train_loader, t.eval_loaders
-    updates_per_epoch, total_steps, eval_names = t.updates_per_epoch, t.total_steps, list(t.eval_loaders)
     # Every check has passed: only now does the run directory appear.
-    if main:
+    if accelerator.is_main_process:
         _prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console)
+    replay_hooks = use_feature_cache(recipe, t, run, accelerator) if t.prefix is not None else []
+    with remove_hooks(replay_hooks):
+        return _train_and_evaluate(recipe, t, run, accelerator, resume)
+
+
+def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator, resume: bool) -> RunResult:
+    data, loaded, task, spec, plan, plateau = t.data, t.loaded, t.task, recipe.train, t.plan, t.plateau
+    optimizer, scheduler, train_loader, eval_loaders = t.optimizer, t.scheduler, t.train_loader, t.eval_loaders
+    updates_per_epoch, total_steps, eval_names = t.updates_per_epoch, t.total_steps, list(t.eval_loaders)
+    run_dir, main, console = run.run_dir, run.main, run.console
     model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
                                                                     *eval_loaders.values())
     eval_loaders = dict(zip(eval_names, prepared))

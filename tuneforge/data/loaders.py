@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -10,11 +14,24 @@ from tuneforge.data.sources import Split
 
 
 class TextDataset(Dataset):
-    """Tokenised once up front; padding happens per batch (dynamic), not here."""
+    """Tokenised once, up front, into flat int32 arrays: 4 bytes a token instead of a Python list per
+    example, so a large training set stays small in memory. Padding happens per batch (dynamic)."""
+
+    CHUNK = 10_000  # texts per tokenizer call: bounds the memory of the tokenizer's own Python lists
 
     def __init__(self, split: Split, label_ids: list[int], tokenizer, max_length: int):
+        texts = [str(t) for t in split.texts]
         pairs = [str(t) for t in split.text_pairs] if split.text_pairs is not None else None
-        self.encodings = tokenizer([str(t) for t in split.texts], pairs, truncation=True, max_length=max_length)
+        pieces: dict[str, list[np.ndarray]] = {}
+        lengths: list[int] = []
+        for start in range(0, len(texts), self.CHUNK):
+            chunk_pairs = pairs[start:start + self.CHUNK] if pairs is not None else None
+            encoded = tokenizer(texts[start:start + self.CHUNK], chunk_pairs, truncation=True, max_length=max_length)
+            for key, values in encoded.items():
+                pieces.setdefault(key, []).append(np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32))
+            lengths += [len(ids) for ids in encoded["input_ids"]]
+        self.tokens = {key: np.concatenate(parts) for key, parts in pieces.items()}
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # example i: offsets[i]:offsets[i+1]
         self.label_ids = label_ids
         self.tokenizer = tokenizer
 
@@ -22,10 +39,11 @@ class TextDataset(Dataset):
         return len(self.label_ids)
 
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.encodings["input_ids"]]
+        return np.diff(self.offsets).tolist()
 
     def __getitem__(self, index: int) -> dict:
-        features = {key: values[index] for key, values in self.encodings.items()}
+        start, end = self.offsets[index], self.offsets[index + 1]
+        features = {key: values[start:end].tolist() for key, values in self.tokens.items()}
         return {"features": features, "label": self.label_ids[index], "index": index}
 
     def collate(self, items: list[dict]) -> dict:
@@ -134,10 +152,23 @@ def make_dataset(split: Split, label_ids: list[int], preprocessor, max_length: i
     return TextDataset(split, label_ids, preprocessor, max_length)
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: EpochBatchSampler | None = None) -> DataLoader:
+def loader_workers(setting: int | str, dataset: Dataset) -> int:
+    """auto: decoding images is the slow part of loading, so it gets worker processes (one core stays for
+    training); text is tokenised up front and cached features are already decoded, so workers would only add IPC."""
+    if setting != "auto":
+        return setting
+    if not isinstance(dataset, ImageDataset):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, sampler: EpochBatchSampler | None = None) -> DataLoader:
+    workers = loader_workers(num_workers, dataset)
+    # Pinned host memory lets batches copy to the GPU while the previous step computes.
+    options = {"collate_fn": dataset.collate, "num_workers": workers, "pin_memory": torch.cuda.is_available(),
+               "persistent_workers": workers > 0}
     if sampler is not None:
         # A private generator: each new iterator draws a worker seed from it, and drawing from the
         # global RNG instead would shift the dropout masks of a resumed run.
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=num_workers,
-                          generator=torch.Generator().manual_seed(sampler.seed))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate, num_workers=num_workers)
+        return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(sampler.seed), **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
