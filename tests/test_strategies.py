@@ -235,6 +235,16 @@ def test_early_stopping_on_a_scripted_metric_sequence(tiny_bert_dir, text_data, 
     assert all(torch.equal(at_best[k], restored[k]) for k in restored)
 
 
+def test_training_stops_when_the_target_is_reached(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    script_accuracy(monkeypatch, [0.50, 0.79, 0.85, 0.95])
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=10)
+    recipe["eval"] = {"metric": "accuracy", "target": 0.8}
+    result = finetune(recipe)
+    reached = _records(result.run_dir, "target_reached")
+    assert len(reached) == 1 and reached[0]["step"] == 36 and reached[0]["value"] == 0.85  # the third epoch
+    assert result.metrics["steps"] == 36 and result.metrics["stopped_early"]
+
+
 def test_class_weights_change_the_loss_as_the_formula_says():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     labels = torch.tensor([0, 1, 1])

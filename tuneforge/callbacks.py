@@ -190,6 +190,7 @@ class RunHooks:
         if self.run.main:
             self.run.console.print(f"step {state.step} validation: {summary}" + ("  [green]best[/]" if better else ""))
         self._early_stopping(state, monitored, maximise)
+        self._target_reached(state, monitored, maximise)
         if self.plateau is not None and self.plateau.update(monitored):
             refresh_lr(self.scheduler)  # LambdaLR would only pick the new multiplier up at its next step
             self.run.record({"type": "lr_reduced", "step": state.step, "multiplier": self.plateau.multiplier})
@@ -211,6 +212,17 @@ class RunHooks:
             if self.run.main:
                 self.run.console.print(f"early stopping at step {state.step}: {self.spec.eval.metric} has not improved "
                                        f"by more than {rule.min_delta} in {rule.patience} evaluations")
+
+    def _target_reached(self, state: TrainState, monitored: float, maximise: bool) -> None:
+        target = self.spec.eval.target
+        if target is None or not (monitored >= target if maximise else monitored <= target):
+            return
+        state.stopped_early = True
+        self.run.record({"type": "target_reached", "step": state.step, "epoch": state.epoch,
+                         "metric": self.spec.eval.metric, "value": monitored, "target": target})
+        if self.run.main:
+            self.run.console.print(f"target reached at step {state.step}: {self.spec.eval.metric} {monitored:.4f} "
+                                   f"{'>=' if maximise else '<='} {target}; training stops")
 
     def save_best(self) -> None:
         if self.run.main:

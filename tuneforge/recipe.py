@@ -147,6 +147,8 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, gt=0)
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, more time")
+    compile: bool = Field(False, description="torch.compile the model (measure first: on some CPUs it is slower; "
+                                             "not combined with the feature cache, which saves more)")
     cache_features: bool | Literal["auto"] = Field(
         "auto", description="compute a frozen prefix (embeddings + leading frozen blocks) once and train the rest on "
                             "its stored outputs; auto: whenever the plan and data allow it, true: require it")
@@ -192,6 +194,7 @@ class EvalSpec(Section):
                     "recall_macro", "recall_weighted", "auc_roc"] = Field(
         "accuracy", description="validation metric that picks the best model (and drives early stopping)")
     mode: Literal["max", "min"] = "max"
+    target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
 
 

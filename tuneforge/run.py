@@ -245,14 +245,20 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     run = Run(recipe, run_dir, accelerator, console)
     replay_hooks = use_feature_cache(recipe, t, run, accelerator) if t.prefix is not None else []
     with remove_hooks(replay_hooks):
-        return _train_and_evaluate(recipe, t, run, accelerator, resume)
+        return _train_and_evaluate(recipe, t, run, accelerator, resume, cached=bool(replay_hooks))
 
 
-def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator, resume: bool) -> RunResult:
+def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator, resume: bool,
+                        cached: bool) -> RunResult:
     data, loaded, task, spec, plan, plateau = t.data, t.loaded, t.task, recipe.train, t.plan, t.plateau
     optimizer, scheduler, train_loader, eval_loaders = t.optimizer, t.scheduler, t.train_loader, t.eval_loaders
     updates_per_epoch, total_steps, eval_names = t.updates_per_epoch, t.total_steps, list(t.eval_loaders)
     run_dir, main, console = run.run_dir, run.main, run.console
+    if spec.compile:
+        if cached:
+            console.print("[yellow]train.compile: skipped, the feature cache already removes the frozen layers' work[/]")
+        else:
+            loaded.model.compile()  # in place: parameter names and state dicts stay as they are
     model, optimizer, train_loader, *prepared = accelerator.prepare(loaded.model, optimizer, train_loader,
                                                                     *eval_loaders.values())
     eval_loaders = dict(zip(eval_names, prepared))
