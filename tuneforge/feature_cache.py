@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tuneforge.data.loaders import ImageDataset, TextDataset
+from tuneforge.data.loaders import ImageDataset, TextDataset, length_order, loader_workers
 
 CACHE_KEY = "cached_features"  # the entry of a batch's inputs that carries the replayed outputs
 TOLERANCE = 1e-4  # replayed vs full forward, max absolute logit difference, float32
@@ -164,36 +164,41 @@ def cache_key(model: nn.Module, prefix: FrozenPrefix, dataset: Dataset) -> str:
 
 
 def build_store(model: nn.Module, prefix: FrozenPrefix, dataset: Dataset, folder: Path, batch_size: int,
-                device) -> FeatureStore:
+                device, workers: int | str = "auto") -> FeatureStore:
     """Compute (or reuse, when the key matches) the boundary outputs of every example in `dataset`."""
     key = cache_key(model, prefix, dataset)
     meta = folder / "meta.json"
     if meta.exists() and json.loads(meta.read_text()).get("key") == key:
         return FeatureStore.open(folder)
     per_token = isinstance(dataset, TextDataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
+    # Shortest first, so that batches of similar length pad almost nothing.
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=length_order(dataset), collate_fn=dataset.collate,
+                        num_workers=loader_workers(workers, dataset))
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     lengths = dataset.lengths() if per_token else [1] * len(dataset)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    values, row = None, 0
+    values, written = None, 0
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
-            batch = {**batch, "inputs": {k: v.to(device) for k, v in batch["inputs"].items()}}
-            output = _boundary_outputs(model, prefix, batch).cpu()
-            rows = output[batch["inputs"]["attention_mask"].cpu().bool()] if per_token else output
+            inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+            output = _boundary_outputs(model, prefix, {"inputs": inputs}).cpu().numpy()
             if values is None:
+                shape = output.shape[2:] if per_token else output.shape[1:]
                 values = np.lib.format.open_memmap(partial / "values.npy", mode="w+", dtype=np.float32,
-                                                   shape=(int(offsets[-1]), *rows.shape[1:]))
-            values[row:row + len(rows)] = rows.numpy()
-            row += len(rows)
+                                                   shape=(int(offsets[-1]), *shape))
+            mask = batch["inputs"]["attention_mask"].bool().numpy() if per_token else None
+            for row, index in enumerate(batch["index"].tolist()):
+                start, end = offsets[index], offsets[index + 1]
+                values[start:end] = output[row][mask[row]] if per_token else output[row:row + 1]
+                written += end - start
     finally:
         model.train(was_training)
-    if row != offsets[-1]:
-        raise RuntimeError(f"feature cache: {row} rows computed, {offsets[-1]} expected")
+    if written != offsets[-1]:
+        raise RuntimeError(f"feature cache: {written} rows computed, {offsets[-1]} expected")
     values.flush()
     np.save(partial / "offsets.npy", offsets)
     (partial / "meta.json").write_text(json.dumps({"key": key, "per_token": per_token, "boundary": prefix.boundary,
@@ -214,7 +219,7 @@ class CachedDataset(Dataset):
         return len(self.base)
 
     def lengths(self) -> list[int]:
-        return self.base.lengths()
+        return self.base.lengths() if self.store.per_token else [1] * len(self)
 
     def __getitem__(self, index: int) -> dict:
         item = self.base[index] if self.store.per_token else {"label": self.label_ids[index], "index": index}
@@ -255,10 +260,11 @@ def replay_mismatch(model: nn.Module, cached_set: CachedDataset, plain_set: Data
 
 
 def cache_splits(model: nn.Module, prefix: FrozenPrefix, datasets: dict, folder: Path, batch_size: int,
-                 device) -> tuple[dict, list]:
+                 device, workers: int | str = "auto") -> tuple[dict, list]:
     """Cached versions of `datasets`, checked against the full model; raises ValueError when the replay differs."""
     with torch.random.fork_rng(devices=[]):  # a loader's iterator draws a seed: keep the training RNG where it was
-        cached = {name: CachedDataset(dataset, build_store(model, prefix, dataset, folder / name, batch_size, device))
+        cached = {name: CachedDataset(dataset, build_store(model, prefix, dataset, folder / name, batch_size, device,
+                                                                 workers))
                   for name, dataset in datasets.items()}
     handles = install_replay(model, prefix)
     first = next(iter(datasets))

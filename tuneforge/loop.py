@@ -192,15 +192,21 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
 
 @torch.inference_mode()
 def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole split, gathered from every process in dataset order."""
+    """Logits and labels for a whole split, gathered from every process, in dataset order.
+
+    Loaders may visit examples in any order (evaluation goes shortest first); each batch
+    carries its examples' indices, and the results are sorted back by them.
+    """
     model.eval()
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_indices = [], [], []
     # Evaluation must not move the training RNG, or a resumed run would diverge.
     with torch.random.fork_rng(devices=[]):
         for batch in loader:
             with accelerator.autocast():
                 logits = model(**batch["inputs"]).logits
-            logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+            logits, labels, indices = accelerator.gather_for_metrics((logits.float(), batch["labels"], batch["index"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
+            all_indices.append(indices.cpu())
+    order = torch.argsort(torch.cat(all_indices))
+    return torch.cat(all_logits)[order], torch.cat(all_labels)[order]

@@ -207,7 +207,7 @@ def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accele
     eval_batch = recipe.eval.batch_size or 2 * recipe.train.batch_size
     try:
         cached, handles = cache_splits(model, t.prefix, splits, run.run_dir / FEATURE_CACHE_DIR, eval_batch,
-                                       accelerator.device)
+                                       accelerator.device, recipe.data.num_workers)
     except (ValueError, TypeError) as error:
         if recipe.train.cache_features is True:
             raise ModelError([f"train.cache_features: {error}; set it to auto or false"]) from None
