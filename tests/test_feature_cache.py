@@ -96,6 +96,43 @@ def test_factory_resnet_stem_and_blocks_are_cached(tmp_path, image_data):
     _assert_same_weights(_weights(runs[True].run_dir), _weights(runs[False].run_dir))
 
 
+def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(tiny_bert_dir, text_data, tmp_path,
+                                                                             monkeypatch):
+    from tuneforge.run import RunHooks
+
+    settings = {"epochs": 2, "checkpoint_every_steps": 3, "cache_features": True}
+    freeze = {"strategy": "partial", "trainable_blocks": 1}
+
+    def recipe(folder):
+        made = text_recipe(tiny_bert_dir, text_data, tmp_path / folder, **settings)
+        made["model"]["freeze"] = freeze
+        return made
+
+    uninterrupted = finetune(recipe("a"))
+    assert not (uninterrupted.run_dir / "feature_cache").exists()  # a finished run leaves no cache behind
+
+    original = RunHooks.on_step_end
+
+    def stop(self, state):
+        original(self, state)
+        if state.step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunHooks, "on_step_end", stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe("b"))
+    monkeypatch.undo()
+    assert (tmp_path / "b" / "feature_cache" / "train" / "meta.json").exists()
+    import tuneforge.feature_cache as feature_cache
+
+    computed = []
+    real = feature_cache._boundary_outputs
+    monkeypatch.setattr(feature_cache, "_boundary_outputs", lambda *a: computed.append(1) or real(*a))
+    resumed = finetune(recipe("b"), resume=True)
+    assert not computed  # the interrupted run's cache was still valid: nothing recomputed
+    _assert_same_weights(_weights(uninterrupted.run_dir), _weights(resumed.run_dir), atol=0.0)
+
+
 def test_cache_is_reused_only_while_model_and_data_are_unchanged(tiny_bert_dir, text_data, tmp_path):
     from rich.console import Console
 

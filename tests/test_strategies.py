@@ -485,6 +485,9 @@ def test_inspect_with_a_recipe_shows_each_stage(tiny_bert_dir, text_data, tmp_pa
     assert [row.split("│")[2].strip() for row in rows[-3:]] == ["0", "12", "24"]  # 12 steps an epoch
     head = 32 * 2 + 2
     assert rows[-3].split("│")[6].strip() == f"{head:,}"
+    assert "fixed prefix (frozen in every stage, eval mode, computed once by the feature cache): none" in out
+    assert main(["inspect", "--recipe", str(path), "model.freeze.stages.2.train=[last:1]"]) == 0
+    assert "computed once by the feature cache): embeddings, block.0" in capsys.readouterr().out
     assert main(["inspect", "--recipe", str(path), "model.freeze.stages.0.train=[decoder]"]) == 2
 
 

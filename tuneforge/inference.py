@@ -90,9 +90,9 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
 
     console = Console()
     if recipe is not None:
-        loaded, plan_rows = _recipe_model_and_plan(recipe, overrides or [])
+        loaded, plan_rows, fixed = _recipe_model_and_plan(recipe, overrides or [])
     else:
-        loaded, plan_rows = _reference_model(reference, weights, num_labels), None
+        loaded, plan_rows, fixed = _reference_model(reference, weights, num_labels), None, []
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     console.print(render_groups(groups))
     if plan_rows:
@@ -105,6 +105,8 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
             table.add_row(str(row["stage"]), str(row["start_step"]), str(row["start_epoch"]), ", ".join(row["groups"]),
                           f"{row['lr_multiplier']:g}", f"{row['trainable_parameters']:,}")
         console.print(table)
+        console.print(f"fixed prefix (frozen in every stage, eval mode, computed once by the feature cache): "
+                      f"{', '.join(fixed) if fixed else 'none'}", soft_wrap=True)
     return groups
 
 
@@ -122,7 +124,7 @@ def _reference_model(reference: str, weights: str | None, num_labels: int) -> Lo
     return load_model(spec, [str(i) for i in range(num_labels)], ImageSpec(size=32))
 
 
-def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict]]:
+def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict], list[str]]:
     """The recipe's model with the recipe's labels, and its freezing plan resolved against it."""
     from tuneforge.data.preflight import load_task_data
     from tuneforge.freeze import build_plan, describe_plan
@@ -138,4 +140,4 @@ def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[Load
     updates_per_epoch, total = training_length(-(-len(data.splits["train"]) // batch), recipe.train)
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total)
-    return loaded, describe_plan(plan, groups, updates_per_epoch)
+    return loaded, describe_plan(plan, groups, updates_per_epoch), [g.name for g in plan.fixed]

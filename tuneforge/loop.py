@@ -179,7 +179,8 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     loss_count, examples, busy = 0, 0, 0.0
                 progress.update(1)
                 hooks.on_step_end(state)
-                train_mode(stage)  # a periodic evaluation switched to eval mode
+                if not model.training:  # a periodic evaluation switched to eval mode
+                    train_mode(stage)
                 if state.stopped_early or (state.step >= total_steps and position < batches_in_epoch):
                     break
             if state.batch_in_epoch == batches_in_epoch:

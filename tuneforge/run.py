@@ -245,7 +245,10 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     run = Run(recipe, run_dir, accelerator, console)
     replay_hooks = use_feature_cache(recipe, t, run, accelerator) if t.prefix is not None else []
     with remove_hooks(replay_hooks):
-        return _train_and_evaluate(recipe, t, run, accelerator, resume, cached=bool(replay_hooks))
+        result = _train_and_evaluate(recipe, t, run, accelerator, resume, cached=bool(replay_hooks))
+    if accelerator.is_main_process:  # only an interrupted run, resumed, would read the cache again
+        shutil.rmtree(run_dir / FEATURE_CACHE_DIR, ignore_errors=True)
+    return result
 
 
 def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator, resume: bool,

@@ -43,13 +43,30 @@ class TextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         start, end = self.offsets[index], self.offsets[index + 1]
-        features = {key: values[start:end].tolist() for key, values in self.tokens.items()}
+        features = {key: values[start:end] for key, values in self.tokens.items()}
         return {"features": features, "label": self.label_ids[index], "index": index}
 
     def collate(self, items: list[dict]) -> dict:
-        inputs = self.tokenizer.pad([item["features"] for item in items], return_tensors="pt")
+        """Pad to the longest example of the batch, on the tokenizer's padding side, with its pad values."""
+        features = [item["features"] for item in items]
+        if "attention_mask" not in features[0]:  # the models read it; a tokenizer that leaves it out means all ones
+            features = [{**f, "attention_mask": np.ones_like(f["input_ids"])} for f in features]
+        width = max(len(f["input_ids"]) for f in features)
+        pad_values = {"input_ids": self.tokenizer.pad_token_id or 0, "attention_mask": 0,
+                      "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}
+        left = self.tokenizer.padding_side == "left"
+        inputs = {}
+        for key in features[0]:
+            padded = np.full((len(features), width), pad_values.get(key, 0), dtype=np.int64)
+            for row, f in enumerate(features):
+                values = f[key]
+                if left:
+                    padded[row, width - len(values):] = values
+                else:
+                    padded[row, :len(values)] = values
+            inputs[key] = torch.from_numpy(padded)
         return {
-            "inputs": dict(inputs),
+            "inputs": inputs,
             "labels": torch.tensor([item["label"] for item in items]),
             "index": torch.tensor([item["index"] for item in items]),
         }
