@@ -146,6 +146,20 @@ def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> d
     }
 
 
+def interrupt_after(monkeypatch, step: int) -> None:
+    """Make training raise KeyboardInterrupt right after optimizer step `step`, as a Ctrl-C there would."""
+    from tuneforge.callbacks import RunHooks
+
+    original = RunHooks.on_step_end
+
+    def stop(self, state):
+        original(self, state)
+        if state.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunHooks, "on_step_end", stop)
+
+
 def script_accuracy(monkeypatch, values: list[float]) -> None:
     """Make successive evaluations report these accuracies (then the real ones): a scripted metric sequence."""
     from tuneforge.tasks.classification import ClassificationTask

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import text_recipe
+from conftest import interrupt_after, text_recipe
 from tuneforge import finetune
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -98,8 +98,6 @@ def test_factory_resnet_stem_and_blocks_are_cached(tmp_path, image_data):
 
 def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(tiny_bert_dir, text_data, tmp_path,
                                                                              monkeypatch):
-    from tuneforge.run import RunHooks
-
     settings = {"epochs": 2, "checkpoint_every_steps": 3, "cache_features": True}
     freeze = {"strategy": "partial", "trainable_blocks": 1}
 
@@ -111,14 +109,7 @@ def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(ti
     uninterrupted = finetune(recipe("a"))
     assert not (uninterrupted.run_dir / "feature_cache").exists()  # a finished run leaves no cache behind
 
-    original = RunHooks.on_step_end
-
-    def stop(self, state):
-        original(self, state)
-        if state.step == 8:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunHooks, "on_step_end", stop)
+    interrupt_after(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         finetune(recipe("b"))
     monkeypatch.undo()

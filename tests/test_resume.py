@@ -6,28 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import text_recipe
+from conftest import interrupt_after, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge import finetune
 from tuneforge.checkpoint import complete_checkpoints
 from tuneforge.errors import ResumeError
-from tuneforge.run import RunHooks
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch, step: int) -> None:
-    original = RunHooks.on_step_end
-
-    def stop(self, state):
-        original(self, state)
-        if state.step == step:
-            raise Interrupted(f"stopped after step {step}")
-
-    monkeypatch.setattr(RunHooks, "on_step_end", stop)
 
 
 def _tensors(folder):
@@ -39,8 +23,8 @@ def test_resume_mid_epoch_is_bit_identical(tiny_bert_dir, text_data, tmp_path, m
     settings = {"epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 10}
     uninterrupted = finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "a", **settings))
 
-    _interrupt_after(monkeypatch, 8)  # last checkpoint at step 6: epoch 0, batch 6 of 12
-    with pytest.raises(Interrupted):
+    interrupt_after(monkeypatch, 8)  # last checkpoint at step 6: epoch 0, batch 6 of 12
+    with pytest.raises(KeyboardInterrupt):
         finetune(text_recipe(tiny_bert_dir, text_data, tmp_path / "b", **settings))
     monkeypatch.undo()
     assert [p.name for p in complete_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003", "step-00000006"]
@@ -83,8 +67,8 @@ def test_keep_checkpoints_rotates(tiny_bert_dir, text_data, tmp_path):
 
 def test_resume_refuses_a_different_model(tiny_bert_dir, tiny_vit_dir, text_data, tmp_path, monkeypatch):
     recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2)
-    _interrupt_after(monkeypatch, 3)
-    with pytest.raises(Interrupted):
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
         finetune(recipe)
     monkeypatch.undo()
     changed = text_recipe(tiny_vit_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2)

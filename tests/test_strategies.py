@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import script_accuracy, text_recipe
+from conftest import interrupt_after, script_accuracy, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge.checkpoint import complete_checkpoints
@@ -86,8 +86,6 @@ def test_progressive_unfreezes_exactly_at_stage_boundaries(tiny_bert_dir, text_d
 
 
 def test_resume_inside_a_stage_is_bit_identical(tiny_bert_dir, text_data, tmp_path, monkeypatch):
-    from tuneforge.callbacks import RunHooks
-
     freeze = {"strategy": "progressive", "stages": [{"steps": 5, "train": ["head"]},
                                                     {"steps": 30, "train": ["all"], "lr_multiplier": 0.5}]}
     settings = {"epochs": 2, "checkpoint_every_steps": 3}
@@ -95,14 +93,7 @@ def test_resume_inside_a_stage_is_bit_identical(tiny_bert_dir, text_data, tmp_pa
     whole["model"]["freeze"] = freeze
     finetune(whole)
 
-    original = RunHooks.on_step_end
-
-    def stop_at_8(self, state):
-        original(self, state)
-        if state.step == 8:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunHooks, "on_step_end", stop_at_8)
+    interrupt_after(monkeypatch, 8)
     broken = text_recipe(tiny_bert_dir, text_data, tmp_path / "b", **settings)
     broken["model"]["freeze"] = freeze
     with pytest.raises(KeyboardInterrupt):
