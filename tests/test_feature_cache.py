@@ -184,3 +184,20 @@ def test_frozen_prefix_runs_in_eval_mode_with_and_without_cache(tiny_bert_dir):
     model = loaded.model
     assert not model.bert.embeddings.dropout.training and not model.bert.encoder.layer[0].attention.self.training
     assert model.bert.encoder.layer[1].training and model.dropout.training
+
+
+def test_a_full_disk_while_caching_is_a_storage_error(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from tuneforge.errors import StorageError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full)
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", cache_features=True)
+    recipe["model"]["freeze"] = {"strategy": "head_only"}
+    with pytest.raises(StorageError, match="feature_cache.*No space left"):
+        finetune(recipe)

@@ -25,8 +25,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir, storage_errors,
-                                 write_json_atomic)
+from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir,
+                                 storage_errors, write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
@@ -206,8 +206,9 @@ def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accele
     splits = {name: t.datasets[name] for name in ("train", "validation") if name in t.datasets}
     eval_batch = recipe.eval.batch_size or 2 * recipe.train.batch_size
     try:
-        cached, handles = cache_splits(model, t.prefix, splits, run.run_dir / FEATURE_CACHE_DIR, eval_batch,
-                                       accelerator.device, recipe.data.num_workers)
+        with storage_errors(run.run_dir / FEATURE_CACHE_DIR):  # a full disk: a clear message, nothing else lost
+            cached, handles = cache_splits(model, t.prefix, splits, run.run_dir / FEATURE_CACHE_DIR, eval_batch,
+                                           accelerator.device, recipe.data.num_workers)
     except (ValueError, TypeError) as error:
         if recipe.train.cache_features is True:
             raise ModelError([f"train.cache_features: {error}; set it to auto or false"]) from None
@@ -217,7 +218,8 @@ def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accele
     if "validation" in cached:
         t.eval_loaders["validation"] = make_loader(cached["validation"], eval_batch, recipe.data.num_workers)
     seconds = time.perf_counter() - started
-    covered = f"{t.prefix.groups[0]} + {t.prefix.groups[1]}…{t.prefix.groups[-1]}"
+    blocks = t.prefix.groups[1:]
+    covered = f"{t.prefix.groups[0]} + {blocks[0]}" + (f"…{blocks[-1]}" if len(blocks) > 1 else "")
     if run.main:
         run.console.print(f"feature cache: {covered} computed once for {', '.join(cached)} "
                           f"({seconds:.1f} s); training runs only the layers after it")
