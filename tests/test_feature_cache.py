@@ -84,7 +84,8 @@ def test_factory_resnet_stem_and_blocks_are_cached(tmp_path, image_data):
         runs = {}
         for setting in (True, False):
             runs[setting] = finetune({
-                "model": {"factory": "cifar_resnet:resnet20", "pretrained": False, "freeze": {"strategy": "partial", "trainable_blocks": 2}},
+                "model": {"factory": "cifar_resnet:resnet20", "pretrained": False,
+                          "freeze": {"strategy": "partial", "trainable_blocks": 2}},
                 "data": {"train": str(image_data["train"]), "validation": str(image_data["validation"]),
                          "image": {"size": 32}},
                 "train": {"epochs": 2, "batch_size": 8, "seed": 0, "cache_features": setting},
