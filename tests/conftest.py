@@ -133,8 +133,21 @@ def image_data(tmp_path) -> dict[str, Path]:
             "validation": write_image_folder(tmp_path / "val", 6, seed=2)}
 
 
-def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> dict:
-    return {
+@pytest.fixture(scope="session")
+def small_text_run(tiny_bert_dir, tmp_path_factory):
+    """One finished 2-epoch run of the tiny BERT (64 train, 32 validation, 24 test rows), shared by the tests
+    that only read a run: export, serving. Returns the run's result and its data files."""
+    from tuneforge import finetune
+
+    root = tmp_path_factory.mktemp("small-text-run")
+    data = {"train": write_tsv(root / "train.tsv", sentiment_rows(64, seed=1)),
+            "validation": write_tsv(root / "validation.tsv", sentiment_rows(32, seed=2)),
+            "test": write_tsv(root / "test.tsv", sentiment_rows(24, seed=3))}
+    return finetune(text_recipe(tiny_bert_dir, data, root / "run", epochs=2)), data
+
+
+def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, freeze: dict | None = None, **train) -> dict:
+    recipe = {
         "name": "tiny-text",
         "model": {"name": str(model_dir), "max_length": 16},
         "data": {"train": str(data["train"]), "validation": str(data["validation"]),
@@ -144,6 +157,9 @@ def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, **train) -> d
         "optim": {"lr": 5e-3, "schedule": {"name": "linear", "warmup_ratio": 0.1}},
         "output": {"dir": str(out)},
     }
+    if freeze is not None:
+        recipe["model"]["freeze"] = freeze
+    return recipe
 
 
 def interrupt_after(monkeypatch, step: int) -> None:

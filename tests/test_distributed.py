@@ -13,7 +13,7 @@ import yaml
 from conftest import text_recipe
 from safetensors.torch import load_file
 
-from tuneforge.checkpoint import complete_checkpoints
+from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
 
 
 def _train(recipe_file, out, processes: int):
@@ -38,8 +38,8 @@ def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path, free
     _train(recipe_file, tmp_path / "one", 1)
     _train(recipe_file, tmp_path / "two", 2)
 
-    one = load_file(str(complete_checkpoints(tmp_path / "one" / "checkpoints")[-1] / "model.safetensors"))
-    two = load_file(str(complete_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "model.safetensors"))
+    one = checkpoint_weights(complete_checkpoints(tmp_path / "one" / "checkpoints")[-1])
+    two = checkpoint_weights(complete_checkpoints(tmp_path / "two" / "checkpoints")[-1])
     start = load_file(str(tiny_bert_no_dropout / "model.safetensors"))
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key

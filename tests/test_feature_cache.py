@@ -103,9 +103,7 @@ def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(ti
     freeze = {"strategy": "partial", "trainable_blocks": 1}
 
     def recipe(folder):
-        made = text_recipe(tiny_bert_dir, text_data, tmp_path / folder, **settings)
-        made["model"]["freeze"] = freeze
-        return made
+        return text_recipe(tiny_bert_dir, text_data, tmp_path / folder, freeze, **settings)
 
     uninterrupted = finetune(recipe("a"))
     assert not (uninterrupted.run_dir / "feature_cache").exists()  # a finished run leaves no cache behind
@@ -148,7 +146,9 @@ def test_cache_is_reused_only_while_model_and_data_are_unchanged(tiny_bert_dir, 
     assert not torch.equal(changed.rows(0), first.rows(0))
 
     # Changed data changes the key too: another word in the first example.
-    dataset.tokens["input_ids"][1] = dataset.tokens["input_ids"][2]
+    ids = dataset.tokens["input_ids"].copy()  # the dataset's own arrays are read-only memory maps
+    ids[1] = ids[2]
+    dataset.tokens["input_ids"] = ids
     rebuilt = build_store(model, prefix, dataset, folder, 16, "cpu")
     assert not torch.equal(rebuilt.rows(0), changed.rows(0))
 
@@ -202,3 +202,26 @@ def test_a_full_disk_while_caching_is_a_storage_error(tiny_bert_dir, text_data, 
     recipe["model"]["freeze"] = {"strategy": "head_only"}
     with pytest.raises(StorageError, match="feature_cache.*No space left"):
         finetune(recipe)
+
+
+def test_cached_rows_sit_where_the_tokens_are_on_either_padding_side(tiny_bert_dir):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tuneforge.data.loaders import TextDataset
+    from tuneforge.data.sources import Split
+    from tuneforge.feature_cache import CACHE_KEY, CachedDataset, FeatureStore
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = ["good", "a much longer sentence about a film"]
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        dataset = TextDataset(Split("train", "memory", [0, 1], ["1", "2"], texts=texts), [0, 1], tokenizer, 32)
+        lengths = dataset.lengths()
+        values = np.arange(sum(lengths) * 3, dtype=np.float32).reshape(-1, 3) + 1  # no zeros: padding is the only zero
+        cached_set = CachedDataset(dataset, FeatureStore(values, np.concatenate([[0], np.cumsum(lengths)]), True))
+        batch = cached_set.collate([cached_set[0], cached_set[1]])
+        cached, mask = batch["inputs"][CACHE_KEY], batch["inputs"]["attention_mask"].bool()
+        assert cached.shape == (2, max(lengths), 3) and not mask.all()
+        assert torch.equal(cached[mask], torch.from_numpy(values)), side
+        assert (cached[~mask] == 0).all()

@@ -49,10 +49,13 @@ def test_dynamic_padding_gives_the_same_loss_as_full_padding(tiny_bert_no_dropou
     assert torch.allclose(dynamic_loss, full_loss, atol=1e-6)
 
 
-def test_tokens_are_stored_once_as_compact_arrays(tiny_bert_dir):
+def test_tokens_are_stored_once_as_compact_memory_mapped_arrays(tiny_bert_dir):
+    import numpy as np
+
     texts = [text for text, _ in sentiment_rows(30)]
     dataset, tokenizer = _text_dataset(tiny_bert_dir, texts)
     assert all(values.dtype.name == "int32" and values.ndim == 1 for values in dataset.tokens.values())
+    assert all(isinstance(values, np.memmap) and not values.flags.writeable for values in dataset.tokens.values())
     for index in (0, 7, 29):
         expected = tokenizer(texts[index], truncation=True, max_length=16)
         assert {key: values.tolist() for key, values in dataset[index]["features"].items()} == dict(expected)

@@ -16,10 +16,9 @@ import pytest
 import torch
 import yaml
 from conftest import script_accuracy, text_recipe
-from safetensors.torch import load_file
 
 from tuneforge.callbacks import RunHooks
-from tuneforge.checkpoint import complete_checkpoints, verify_checkpoint
+from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints, verify_checkpoint
 from tuneforge.cli import main as cli
 from tuneforge.errors import ModelError, ResumeError, StorageError, TrainingError
 from tuneforge.run import finetune
@@ -38,7 +37,7 @@ def _records(run_dir, kind):
 
 
 def _final_weights(run_dir):
-    return load_file(str(complete_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
+    return checkpoint_weights(complete_checkpoints(run_dir / "checkpoints")[-1])
 
 
 def _same(a, b):
@@ -197,7 +196,7 @@ def test_nan_loss_stops_with_the_step_and_the_examples(tiny_bert_dir, uninterrup
     assert "step 5" in message and "train.tsv:" in message
     newest = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert newest.name == "step-00000003"
-    assert all(torch.isfinite(t).all() for t in load_file(str(newest / "model.safetensors")).values())
+    assert all(torch.isfinite(t).all() for t in checkpoint_weights(newest).values())
 
 
 def test_skip_mode_counts_skipped_steps_and_stops_after_too_many_in_a_row(tiny_bert_dir, uninterrupted, tmp_path,

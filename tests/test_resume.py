@@ -10,12 +10,12 @@ from conftest import interrupt_after, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge import finetune
-from tuneforge.checkpoint import complete_checkpoints
+from tuneforge.checkpoint import FROZEN_FILE, checkpoint_weights, complete_checkpoints, verify_checkpoint
 from tuneforge.errors import ResumeError
 
 
 def _tensors(folder):
-    return load_file(str(folder / "model.safetensors"))
+    return checkpoint_weights(folder)
 
 
 def test_resume_mid_epoch_is_bit_identical(tiny_bert_dir, text_data, tmp_path, monkeypatch):
@@ -74,3 +74,38 @@ def test_resume_refuses_a_different_model(tiny_bert_dir, tiny_vit_dir, text_data
     changed = text_recipe(tiny_vit_dir, text_data, tmp_path / "run", epochs=1, checkpoint_every_steps=2)
     with pytest.raises(ResumeError, match="model.name"):
         finetune(changed, resume=True)
+
+
+def test_frozen_weights_are_written_once_and_resume_exactly(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    # partial: embeddings and block 0 are frozen in every stage, so they go to frozen.safetensors,
+    # written by the first checkpoint and hard-linked (same inode) into every later one.
+    settings = {"epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 10}
+    freeze = {"strategy": "partial", "trainable_blocks": 1}
+
+    def recipe(name):
+        return text_recipe(tiny_bert_dir, text_data, tmp_path / name, freeze, **settings)
+
+    uninterrupted = finetune(recipe("a"))
+    folders = complete_checkpoints(uninterrupted.run_dir / "checkpoints")
+    inodes = {(f / FROZEN_FILE).stat().st_ino for f in folders}
+    assert len(folders) == 8 and len(inodes) == 1
+    frozen = set(load_file(str(folders[0] / FROZEN_FILE)))
+    assert "bert.embeddings.word_embeddings.weight" in frozen and "bert.encoder.layer.0.output.dense.weight" in frozen
+    assert not any(name.startswith(("bert.encoder.layer.1", "classifier")) for name in frozen)
+    assert not frozen & set(load_file(str(folders[-1] / "model.safetensors")))
+    final_model = load_file(str(uninterrupted.run_dir / "model" / "model.safetensors"))
+    assert len(checkpoint_weights(folders[-1])) == len(final_model)
+
+    interrupt_after(monkeypatch, 8)  # checkpoints at steps 3 and 6
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe("b"))
+    monkeypatch.undo()
+    newest = complete_checkpoints(tmp_path / "b" / "checkpoints")[-1]
+    (newest / FROZEN_FILE).unlink()  # a damaged checkpoint: resume must see it and fall back to step 3
+    assert "frozen.safetensors is missing" in verify_checkpoint(newest)
+    resumed = finetune(recipe("b"), resume=True)
+    a, b = _tensors(folders[-1]), _tensors(complete_checkpoints(resumed.run_dir / "checkpoints")[-1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # After the resume, the first checkpoint wrote frozen.safetensors anew; the later ones link to it.
+    assert len({(f / FROZEN_FILE).stat().st_ino for f in complete_checkpoints(resumed.run_dir / "checkpoints")
+                if f.name > "step-00000003"}) == 1

@@ -9,7 +9,7 @@ import torch
 from conftest import interrupt_after, script_accuracy, text_recipe
 from safetensors.torch import load_file
 
-from tuneforge.checkpoint import complete_checkpoints
+from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
 from tuneforge.errors import RecipeError
 from tuneforge.freeze import FreezeSpec, build_plan
 from tuneforge.groups import layer_groups
@@ -74,7 +74,7 @@ def test_progressive_unfreezes_exactly_at_stage_boundaries(tiny_bert_dir, text_d
     start = _pretrained(tiny_bert_dir)
 
     def at(step, key):
-        return start[key] if step == 0 else load_file(str(checkpoints[step] / "model.safetensors"))[key]
+        return start[key] if step == 0 else checkpoint_weights(checkpoints[step])[key]
 
     assert torch.equal(at(4, block1), start[block1])  # steps 1-4: only the head
     assert not torch.equal(at(5, block1), at(4, block1))  # step 5 is the first of stage 1
@@ -101,8 +101,8 @@ def test_resume_inside_a_stage_is_bit_identical(tiny_bert_dir, text_data, tmp_pa
     monkeypatch.undo()
     resumed = finetune(broken, resume=True)  # resumes at step 6, inside stage 1
     assert [(s["stage"], s["step"]) for s in _records(resumed.run_dir, "stage")] == [(0, 0), (1, 5), (1, 6)]
-    a = load_file(str(complete_checkpoints(tmp_path / "a" / "checkpoints")[-1] / "model.safetensors"))
-    b = load_file(str(complete_checkpoints(tmp_path / "b" / "checkpoints")[-1] / "model.safetensors"))
+    a = checkpoint_weights(complete_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    b = checkpoint_weights(complete_checkpoints(tmp_path / "b" / "checkpoints")[-1])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -221,7 +221,7 @@ def test_early_stopping_on_a_scripted_metric_sequence(tiny_bert_dir, text_data, 
     stop = _records(result.run_dir, "early_stop")
     assert len(stop) == 1 and stop[0]["step"] == 48 and stop[0]["best_step"] == 24  # epoch 4; best at epoch 2
     assert result.metrics["steps"] == 48 and result.metrics["best_step"] == 24
-    at_best = load_file(str(result.run_dir / "checkpoints" / "step-00000024" / "model.safetensors"))
+    at_best = checkpoint_weights(result.run_dir / "checkpoints" / "step-00000024")
     restored = _weights(result.run_dir)
     assert all(torch.equal(at_best[k], restored[k]) for k in restored)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from rich.console import Console
 
-from tuneforge.checkpoint import TrainState, save_checkpoint, storage_error
+from tuneforge.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
 from tuneforge.data.preflight import TaskData
 from tuneforge.errors import TrainingError
 from tuneforge.freeze import FreezePlan
@@ -115,6 +115,9 @@ class RunHooks:
         self.loaded, self.task, self.data, self.eval_loaders = loaded, task, data, eval_loaders
         self.plan, self.plateau = plan, plateau
         self.spec = run.recipe
+        trained = plan.ever_trainable()
+        self.never_trained = {n for n, _ in run.accelerator.unwrap_model(model).named_parameters() if n not in trained}
+        self.frozen_file: Path | None = None  # this process's last frozen.safetensors, linked into the next checkpoint
 
     def on_stage(self, state: TrainState, index: int) -> None:
         stage = self.plan.stages[index]
@@ -242,6 +245,8 @@ class RunHooks:
             folder = save_checkpoint(self.run.run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model),
                                      self.optimizer, self.scheduler, accelerator.scaler, state,
                                      keep=self.spec.train.keep_checkpoints,
-                                     protect={state.best_step} if state.best_step is not None else set())
+                                     protect={state.best_step} if state.best_step is not None else set(),
+                                     frozen=self.never_trained, reuse_frozen=self.frozen_file)
+            self.frozen_file = folder / FROZEN_FILE if (folder / FROZEN_FILE).exists() else None
             self.run.record({"type": "checkpoint", "step": state.step, "path": str(folder.relative_to(self.run.run_dir))})
         accelerator.wait_for_everyone()

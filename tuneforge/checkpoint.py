@@ -1,7 +1,9 @@
 """Checkpoints that a crash cannot corrupt, and that resume a run exactly.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
-  model.safetensors   all model weights (no pickle)
+  model.safetensors   the model weights (no pickle), except those in frozen.safetensors
+  frozen.safetensors  (when the plan freezes something in every stage) the weights no stage trains:
+                      written by the run's first checkpoint, hard-linked into every later one
   optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
   rng.safetensors     torch (and CUDA) generator states
   state.json          step, epoch, data position, scheduler, grad scaler, Python/NumPy RNG, best metric
@@ -16,6 +18,7 @@ import os
 import pickle
 import random
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tuneforge.errors import StorageError
 
 PREFIX = "step-"
+FROZEN_FILE = "frozen.safetensors"
 
 
 @dataclass
@@ -67,21 +71,57 @@ def _python_rng() -> dict:
             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)]}
 
 
+def _storage(tensor: torch.Tensor) -> tuple:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
+def _write_weights(model, folder: Path, frozen: set[str], reuse: Path | None) -> None:
+    """model.safetensors, plus frozen.safetensors for the parameters named in `frozen`.
+
+    `reuse` is a frozen.safetensors this process wrote earlier for the same names: the frozen
+    weights cannot have changed since, so it is hard-linked instead of written again (a frozen
+    backbone then costs one write per run, not one per checkpoint, in time and in disk).
+    """
+    if not frozen:
+        save_model(model, str(folder / "model.safetensors"))
+        return
+    state = model.state_dict()
+    shared = Counter(_storage(t) for t in state.values())
+    # A frozen weight tied to another (input and output embeddings) stays with the other in model.safetensors.
+    fixed = sorted(n for n in frozen if n in state and shared[_storage(state[n])] == 1)
+    rest, seen = {}, set()
+    for name, tensor in state.items():
+        if name not in fixed and _storage(tensor) not in seen:  # tied weights are stored once; loading re-ties them
+            seen.add(_storage(tensor))
+            rest[name] = tensor.contiguous()
+    save_file(rest, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    target = folder / FROZEN_FILE
+    if reuse is not None and reuse.is_file():
+        try:
+            os.link(reuse, target)
+            return
+        except OSError:  # a filesystem without hard links: write the file
+            pass
+    save_file({n: state[n].contiguous() for n in fixed}, str(target), metadata={"format": "pt"})
+
+
 def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state: TrainState, keep: int,
-                    protect: set[int] = frozenset()) -> Path:
+                    protect: set[int] = frozenset(), frozen: set[str] = frozenset(),
+                    reuse_frozen: Path | None = None) -> Path:
     """Write a checkpoint atomically; returns its folder.
 
     Older checkpoints beyond `keep` are removed only once the new one is complete, and
     never those whose step is in `protect` (the best one). A failed write (disk full,
     read-only folder) removes its partial folder and raises StorageError; the previous
-    checkpoints stay as they were.
+    checkpoints stay as they were. `frozen` names parameters that no stage trains, and
+    `reuse_frozen` an earlier checkpoint's frozen.safetensors to link (see _write_weights).
     """
     final = directory / f"{PREFIX}{state.step:08d}"
     partial = directory / f".{final.name}.partial"
     try:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        save_model(model, str(partial / "model.safetensors"))
+        _write_weights(model, partial, frozen, reuse_frozen)
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(partial / "rng.safetensors"))
         files = {f.name: f.stat().st_size for f in partial.iterdir()}
@@ -135,9 +175,10 @@ def verify_checkpoint(folder: Path) -> str | None:
             actual = (folder / name).stat().st_size
             if actual != size:
                 return f"{name} has {actual} bytes, {size} were written"
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
-            for key in weights.keys():
-                weights.get_tensor(key)
+        for name in _weight_files(folder, record):
+            with safe_open(str(folder / name), framework="pt") as weights:
+                for key in weights.keys():
+                    weights.get_tensor(key)
         torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         if (folder / "rng.safetensors").exists():
             load_file(str(folder / "rng.safetensors"))
@@ -150,6 +191,33 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def _weight_files(folder: Path, record: dict) -> list[str]:
+    recorded = FROZEN_FILE in record.get("files", {}) or (folder / FROZEN_FILE).exists()
+    return ["model.safetensors"] + ([FROZEN_FILE] if recorded else [])
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight a checkpoint holds, from both of its weight files."""
+    weights = {}
+    for name in _weight_files(folder, {}):
+        weights.update(load_file(str(folder / name)))
+    return weights
+
+
+def load_weights(folder: Path, model) -> None:
+    """Load a checkpoint's weights into `model`; every parameter and buffer must be found in its files."""
+    if not (folder / FROZEN_FILE).exists():
+        load_model(model, str(folder / "model.safetensors"))
+        return
+    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+    fixed = load_file(str(folder / FROZEN_FILE))
+    _, unexpected_fixed = model.load_state_dict(fixed, strict=False)
+    missing = sorted(set(missing) - set(fixed))
+    if missing or unexpected or unexpected_fixed:
+        raise RuntimeError(f"{folder} does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {(list(unexpected) + list(unexpected_fixed))[:5]}")
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> tuple[TrainState, list[str]]:
     """Restore everything save_checkpoint wrote; returns the state and warnings about what was missing.
 
@@ -157,7 +225,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> tuple[
     """
     warnings = []
     record = json.loads((folder / "state.json").read_text())
-    load_model(model, str(folder / "model.safetensors"))
+    load_weights(folder, model)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(record["scheduler"])
     if scaler is not None and record.get("scaler"):

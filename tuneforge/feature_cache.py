@@ -126,8 +126,12 @@ class FeatureStore:
     def __init__(self, values: np.ndarray, offsets: np.ndarray, per_token: bool):
         self.values, self.offsets, self.per_token = values, offsets, per_token
 
+    def view(self, index: int) -> np.ndarray:
+        """Example `index`'s rows, read from the memory map only when copied (into a batch)."""
+        return self.values[self.offsets[index]:self.offsets[index + 1]]
+
     def rows(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.values[self.offsets[index]:self.offsets[index + 1]]))
+        return torch.from_numpy(np.array(self.view(index)))
 
     @classmethod
     def open(cls, folder: Path) -> FeatureStore:
@@ -223,23 +227,29 @@ class CachedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.base[index] if self.store.per_token else {"label": self.label_ids[index], "index": index}
-        return {**item, "cached": self.store.rows(index)}
+        return {**item, "cached": self.store.view(index)}
 
     def collate(self, items: list[dict]) -> dict:
-        rows = [item["cached"] for item in items]
+        views = [item["cached"] for item in items]
         if self.store.per_token:
             batch = self.base.collate(items)
-            mask = batch["inputs"]["attention_mask"].bool()
-            # Padding positions get zeros: attention masks them out, as it does the real ones.
-            cached = torch.zeros((*mask.shape, *rows[0].shape[1:]))
-            cached[mask] = torch.cat(rows)
+            width = batch["inputs"]["attention_mask"].shape[1]
+            # Each example's rows go where its tokens are (the padding side's end); padding positions get
+            # zeros, and attention masks them out as it does the real ones. One copy, out of the memory map.
+            cached = np.zeros((len(views), width, *views[0].shape[1:]), dtype=views[0].dtype)
+            left = self.base.tokenizer.padding_side == "left"
+            for row, values in enumerate(views):
+                if left:
+                    cached[row, width - len(values):] = values
+                else:
+                    cached[row, :len(values)] = values
         else:
-            cached = torch.cat(rows)
+            cached = np.concatenate(views)
             # The model's forward still wants its input argument; the replay ignores it.
             batch = {"inputs": {"pixel_values": torch.zeros(len(items))},
                      "labels": torch.tensor([item["label"] for item in items]),
                      "index": torch.tensor([item["index"] for item in items])}
-        batch["inputs"][CACHE_KEY] = cached
+        batch["inputs"][CACHE_KEY] = torch.from_numpy(cached)
         return batch
 
 

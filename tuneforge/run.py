@@ -176,6 +176,8 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
     task = make_task(recipe, data)
     datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
+    for split in data.splits.values():  # tokenised into memory-mapped arrays: the raw texts need not stay in memory
+        split.texts = split.text_pairs = None
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     if recipe.train.batch_size == "auto":
         recipe.train.batch_size = auto_batch_size(recipe, run_dir, resume, loaded, task, datasets["train"], groups,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -14,23 +16,26 @@ from tuneforge.data.sources import Split
 
 
 class TextDataset(Dataset):
-    """Tokenised once, up front, into flat int32 arrays: 4 bytes a token instead of a Python list per
-    example, so a large training set stays small in memory. Padding happens per batch (dynamic)."""
+    """Tokenised once, up front, into flat int32 arrays (4 bytes a token instead of a Python list per
+    example) that live in memory-mapped temporary files: pages the OS can drop and re-read, not memory
+    the process holds, so the training set's size does not set the memory a run needs. Padding happens
+    per batch (dynamic)."""
 
     CHUNK = 10_000  # texts per tokenizer call: bounds the memory of the tokenizer's own Python lists
 
-    def __init__(self, split: Split, label_ids: list[int], tokenizer, max_length: int):
-        texts = [str(t) for t in split.texts]
-        pairs = [str(t) for t in split.text_pairs] if split.text_pairs is not None else None
-        pieces: dict[str, list[np.ndarray]] = {}
+    def __init__(self, split: Split, label_ids: list[int], tokenizer, max_length: int, memory_map: bool = True):
+        files: dict = {}  # memory_map False (a few inputs to predict): in-memory buffers instead of files
         lengths: list[int] = []
-        for start in range(0, len(texts), self.CHUNK):
-            chunk_pairs = pairs[start:start + self.CHUNK] if pairs is not None else None
-            encoded = tokenizer(texts[start:start + self.CHUNK], chunk_pairs, truncation=True, max_length=max_length)
+        for start in range(0, len(split), self.CHUNK):
+            texts = [str(t) for t in split.texts[start:start + self.CHUNK]]
+            pairs = [str(t) for t in split.text_pairs[start:start + self.CHUNK]] if split.text_pairs is not None else None
+            encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
             for key, values in encoded.items():
-                pieces.setdefault(key, []).append(np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32))
+                file = files.setdefault(key, tempfile.TemporaryFile(prefix="tuneforge-tokens-") if memory_map
+                                        else io.BytesIO())
+                file.write(np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32).tobytes())
             lengths += [len(ids) for ids in encoded["input_ids"]]
-        self.tokens = {key: np.concatenate(parts) for key, parts in pieces.items()}
+        self.tokens = {key: _map_int32(file) for key, file in files.items()}
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # example i: offsets[i]:offsets[i+1]
         self.label_ids = label_ids
         self.tokenizer = tokenizer
@@ -70,6 +75,18 @@ class TextDataset(Dataset):
             "labels": torch.tensor([item["label"] for item in items]),
             "index": torch.tensor([item["index"] for item in items]),
         }
+
+
+def _map_int32(file) -> np.ndarray:
+    """The int32 values written to `file`: memory-mapped read-only from an unlinked temporary file, or an in-memory buffer's."""
+    if isinstance(file, io.BytesIO):
+        return np.frombuffer(file.getbuffer(), dtype=np.int32)
+    file.flush()
+    if file.tell() == 0:
+        return np.zeros(0, dtype=np.int32)  # mmap cannot map an empty file
+    values = np.memmap(file, dtype=np.int32, mode="r")
+    file.close()  # the mapping keeps the data; the disk space is freed when the mapping goes
+    return values
 
 
 def load_rgb(path) -> Image.Image:
