@@ -38,6 +38,8 @@ STRATEGIES = {
         {"epochs": 1, "train": ["neck", "head"], "lr_multiplier": 10.0},
         {"epochs": 1, "train": ["last:2", "neck", "head"], "lr_multiplier": 1.0},
         {"epochs": 1, "train": ["all"], "lr_multiplier": 0.5}]}, 1e-4),
+    "bitfit (biases + head)": ({"strategy": "bitfit"}, 1e-2),
+    "LoRA (rank 8 on query, value; + head)": ({"strategy": "full"}, 1e-3, {"method": "lora", "rank": 8, "alpha": 16}),
 }
 
 
@@ -49,12 +51,13 @@ def base_overrides(quick: bool) -> list[str]:
 
 
 def run_strategy(recipe: str, name: str, overrides: list[str], workdir: Path) -> dict:
-    freeze, lr = STRATEGIES[name]
+    freeze, lr, *adapter = STRATEGIES[name]
     settings = load_recipe(recipe, [*overrides, f"optim.lr={lr}"]).model_dump(mode="json")
     settings["model"]["freeze"] = freeze
+    settings["adapter"] = adapter[0] if adapter else {"method": "none"}
     result = finetune(settings, output_dir=workdir / name.split()[0], console=Console(file=io.StringIO()))
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    trainable = max(r["trainable_parameters"] for r in records if r["type"] == "stage")
+    trainable = max(r["trainable_parameters"] for r in records if r["type"] == "stage")  # LoRA: adapter + head
     caching = sum(r["seconds"] for r in records if r["type"] == "feature_cache")  # counted: it replaces forward passes
     return {"strategy": name, "lr": lr, "accuracy": result.metrics["accuracy"], "f1_macro": result.metrics["f1_macro"],
             "trainable": trainable, "seconds": result.metrics["train_seconds"] + caching}

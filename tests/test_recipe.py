@@ -24,7 +24,7 @@ from tuneforge.recipe import (
     parse_recipe,
 )
 
-RECIPE_SECTIONS = ["name", "model", "data", "task", "train", "optim", "eval", "output"]
+RECIPE_SECTIONS = ["name", "model", "data", "task", "train", "optim", "eval", "adapter", "output"]
 
 
 def minimal(**sections) -> dict:

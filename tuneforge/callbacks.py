@@ -4,6 +4,7 @@ selection and early stopping, checkpoints, stage changes and out-of-memory notes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from tuneforge.recipe import Recipe
 from tuneforge.schedules import PlateauState, refresh_lr
 
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
+MERGED_DIR = "model-merged"  # with adapter.save_merged: the best model with its adapter folded into the weights
 FEATURE_CACHE_DIR = "feature_cache"  # per split: a frozen prefix's outputs (see feature_cache.py)
 SUMMARY_KEYS = ("accuracy", "f1_macro", "auc_roc", "loss")
 
@@ -45,10 +47,13 @@ def replace_folder(folder: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe) -> None:
-    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it."""
+def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe,
+                   trained: set[str] | None = None) -> None:
+    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it.
+
+    `trained`: the parameters the plan trains, all that an adapter folder stores besides the buffers."""
     def write(target: Path) -> None:
-        save_model_folder(loaded, target, data.label_names)
+        save_model_folder(loaded, target, data.label_names, trained)
         info = {"task": recipe.task.type, "modality": data.modality, "label_values": data.labels,
                 "label_names": data.label_names, "max_length": recipe.model.max_length,
                 "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
@@ -230,13 +235,13 @@ class RunHooks:
     def save_best(self) -> None:
         if self.run.main:
             with storage_errors(self.run.run_dir / MODEL_DIR):
-                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec)
+                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec,
+                               trained=self.plan.ever_trainable())
         self.run.accelerator.wait_for_everyone()
 
     def unwrapped_loaded(self) -> LoadedModel:
         unwrapped = self.run.accelerator.unwrap_model(self.model)
-        return LoadedModel(unwrapped, self.loaded.preprocessor, self.loaded.modality, self.loaded.head_prefixes,
-                           self.loaded.report, self.loaded.factory)
+        return dataclasses.replace(self.loaded, model=unwrapped)
 
     def checkpoint(self, state: TrainState) -> None:
         accelerator = self.run.accelerator

@@ -6,8 +6,11 @@ Every strategy is a plan of one or more stages:
   feature_extraction  the backbone is a fixed feature extractor (frozen and in eval mode,
                       so its features are deterministic); the neck (a pooler) and the head train
   head_only           only the newly added layers train
+  bitfit              the backbone's biases and the whole head train (BitFit)
   progressive         the stages the recipe lists: each with a length, the groups that
                       train, and a learning-rate multiplier
+With an adapter (recipe section `adapter`), a stage trains the adapter's parameters inside
+the groups it names, not their pretrained weights; the head always trains whole.
 Stage boundaries are optimizer steps, so the stage at any step is a pure function of
 the step and a resumed run lands in the right stage by itself.
 
@@ -51,7 +54,7 @@ class StageSpec(BaseModel):
 class FreezeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive"] = "full"
+    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive", "bitfit"] = "full"
     trainable_blocks: int | None = Field(None, gt=0, description="partial: how many of the last blocks train")
     head_hidden: int | None = Field(None, gt=0, description="feature_extraction: hidden width of an MLP head (factory models)")
     stages: list[StageSpec] | None = Field(None, description="progressive: the stages in order")
@@ -172,7 +175,7 @@ def select_params(selectors: list[str], groups: list[LayerGroup]) -> tuple[set[s
 
 
 def _strategy_stages(spec: FreezeSpec, groups: list[LayerGroup]) -> list[tuple[StageSpec | None, list[str], float]]:
-    if spec.strategy == "full":
+    if spec.strategy in ("full", "bitfit"):
         return [(None, ["all"], 1.0)]
     if spec.strategy == "partial":
         has_neck = any(g.name == "neck" for g in groups)
@@ -185,10 +188,19 @@ def _strategy_stages(spec: FreezeSpec, groups: list[LayerGroup]) -> list[tuple[S
 
 
 def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[str], updates_per_epoch: int,
-               total_steps: int) -> FreezePlan:
-    """Resolve the recipe's plan against the model's actual groups; every problem is reported at once."""
+               total_steps: int, adapter_params: set[str] | None = None) -> FreezePlan:
+    """Resolve the recipe's plan against the model's actual groups; every problem is reported at once.
+
+    `adapter_params`: the adapter's parameters, when there is one: outside the head, only they
+    (and, for bitfit, biases) can train.
+    """
     problems, stages, start = [], [], 0
     all_params = [p for g in groups for p in g.params]
+    head = {p for g in groups if g.name == "head" for p in g.params}
+    allowed = None  # outside the head, what may train (None: everything a stage selects)
+    if adapter_params is not None or spec.strategy == "bitfit":
+        allowed = set(adapter_params or ()) | ({p for p in all_params if p.endswith(".bias")}
+                                                if spec.strategy == "bitfit" else set())
     if spec.strategy != "full" and not any(g.name == "head" for g in groups):
         problems.append("model.freeze: the model has no new head to train (model.new_head is false); use strategy full "
                         "or name groups explicitly with strategy progressive")
@@ -199,10 +211,14 @@ def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[s
         except ValueError as error:
             problems.append(f"{where}.train: {error}")
             continue
+        if allowed is not None:
+            trainable = {p for p in trainable if p in head or p in allowed}
         trainable |= {p for p in all_params if any(re.search(rx, p) for rx in spec.include)}
         trainable -= {p for p in all_params if any(re.search(rx, p) for rx in spec.exclude)}
         if not trainable:
-            problems.append(f"{where}: no parameter would train in this stage (check include/exclude)")
+            problems.append(f"{where}: no parameter would train in this stage (check include/exclude"
+                            + (", and that the adapter's target_modules lie in the groups that train)" if adapter_params
+                               else ")"))
         stages.append(Stage(start, selectors, multiplier, trainable, names))
         if stage_spec is not None:
             start += stage_spec.steps or round(stage_spec.epochs * updates_per_epoch)

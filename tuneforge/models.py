@@ -45,6 +45,7 @@ class LoadedModel:
     head_prefixes: list[str]  # module paths of the newly attached head
     report: LoadReport
     factory: dict | None = None  # how to rebuild a factory model (None for Hugging Face models)
+    base: dict | None = None  # with an adapter: {"model": ModelSpec, "image": ImageSpec, "adapter": AdapterSpec} as JSON
 
 
 class FactoryClassifier(nn.Module):
@@ -351,22 +352,63 @@ def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
 
 # ---------------------------------------------------------------- model folders
 
-def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str]) -> None:
-    """Write a Hugging Face-style folder: safetensors weights, config with the label map, preprocessor."""
-    from safetensors.torch import save_model
+def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str], trained: set[str] | None = None) -> None:
+    """Write a Hugging Face-style folder: safetensors weights, config with the label map, preprocessor.
+
+    With an adapter (loaded.base set), the weights are only what differs from the pretrained base:
+    the parameters in `trained` (adapter and head) and the buffers, in adapter_model.safetensors,
+    with adapter_config.json saying how to rebuild the base; load_model_folder puts them together.
+    """
+    from safetensors.torch import save_file, save_model
+
+    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 
     _quiet_transformers()
     folder.mkdir(parents=True, exist_ok=True)
     model = loaded.model
+    if loaded.base is not None:
+        buffers = {name for name, _ in model.named_buffers()}
+        delta = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+                 if name in buffers or name in (trained or set())}
+        save_file(delta, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(loaded.base, indent=2))
     if loaded.factory is None:
-        model.save_pretrained(folder)
+        if loaded.base is not None:
+            model.config.save_pretrained(folder)
+        else:
+            model.save_pretrained(folder)
     else:
-        save_model(model.net, str(folder / "model.safetensors"))
+        if loaded.base is None:
+            save_model(model.net, str(folder / "model.safetensors"))
         config = {FACTORY_CONFIG_KEY: loaded.factory, "num_labels": len(labels),
                   "id2label": {str(i): label for i, label in enumerate(labels)},
                   "label2id": {label: i for i, label in enumerate(labels)}}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     loaded.preprocessor.save_pretrained(folder)
+
+
+def load_adapter_folder(folder: Path, labels: list[str]) -> LoadedModel:
+    """Rebuild the pretrained base named in adapter_config.json, attach the adapter, load the saved delta."""
+    from safetensors.torch import load_file
+
+    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterSpec, apply_adapter
+    from tuneforge.recipe import ImageSpec, ModelSpec
+
+    base = json.loads((folder / ADAPTER_CONFIG).read_text())
+    spec = ModelSpec(**base["model"])
+    try:
+        loaded = load_model(spec, labels, ImageSpec(**base["image"]))
+    except ModelError as error:
+        raise ModelError([f"{folder} holds an adapter over {spec.name or spec.factory}, which must be available to load "
+                          f"it: {error.problems[0]}"]) from None
+    apply_adapter(loaded, AdapterSpec(**base["adapter"]), spec, ImageSpec(**base["image"]))
+    delta = load_file(str(folder / ADAPTER_FILE))
+    unknown = sorted(set(delta) - set(loaded.model.state_dict()))
+    if unknown:
+        raise ModelError([f"{folder / ADAPTER_FILE} has weights the rebuilt model lacks: {unknown[:5]}"])
+    loaded.model.load_state_dict(delta, strict=False)
+    loaded.report = LoadReport()
+    return loaded
 
 
 def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
@@ -380,9 +422,16 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         AutoTokenizer,
     )
 
+    from tuneforge.adapters import ADAPTER_CONFIG
+
     _quiet_transformers()
     config = json.loads((folder / "config.json").read_text())
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    if (folder / ADAPTER_CONFIG).is_file():
+        loaded = load_adapter_folder(folder, labels)
+        if loaded.modality == "text":  # the saved tokenizer, in case the base's differs
+            loaded.preprocessor = AutoTokenizer.from_pretrained(folder)
+        return loaded, labels
     if FACTORY_CONFIG_KEY in config:
         factory = config[FACTORY_CONFIG_KEY]
         model = build_factory_model(factory, len(labels))
@@ -397,3 +446,15 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         processor = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(model, processor, modality, _hf_head_prefixes(model), LoadReport()), labels
+
+
+def restore_saved_weights(model: nn.Module, folder: Path) -> None:
+    """Put the weights of a model folder written by save_model_folder back into the same `model`."""
+    from safetensors.torch import load_file
+
+    from tuneforge.adapters import ADAPTER_FILE
+
+    if (folder / ADAPTER_FILE).is_file():  # the rest is the pretrained base, which training did not change
+        model.load_state_dict(load_file(str(folder / ADAPTER_FILE)), strict=False)
+    else:
+        model.load_state_dict(load_model_folder(folder)[0].model.state_dict())

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneforge.adapters import AdapterSpec
 from tuneforge.data.augment import AugmentSpec
 from tuneforge.errors import RecipeError
 from tuneforge.freeze import FreezeSpec
@@ -224,6 +225,7 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     optim: OptimSpec = OptimSpec()
     eval: EvalSpec = EvalSpec()
+    adapter: AdapterSpec = AdapterSpec()
     output: OutputSpec = OutputSpec()
 
     def output_dir(self) -> Path:

@@ -3,13 +3,16 @@
 The run directory holds
   recipe.yaml      the resolved recipe (after overrides and ${VAR} expansion)
   metrics.jsonl    one record per logging step, evaluation, checkpoint and stage of the run
-  model/           the best model by eval.metric, as a Hugging Face-style folder
+  model/           the best model by eval.metric, as a Hugging Face-style folder (with an adapter:
+                   the adapter and head only, over the pretrained base it names)
+  model-merged/    with adapter.save_merged: that model with the adapter merged in, a plain folder
   checkpoints/     the latest complete checkpoints, for --resume
   eval.json        final metrics of the best model on every evaluation split
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,8 +28,9 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks, repair_run_dir,
-                                 storage_errors, write_json_atomic)
+from tuneforge.adapters import adapter_scope, apply_adapter, merged_copy
+from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks,
+                                 repair_run_dir, save_run_model, storage_errors, write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
@@ -37,7 +41,7 @@ from tuneforge.freeze import FreezePlan, build_plan
 from tuneforge.groups import layer_groups
 from tuneforge.loop import StepTools, fit, predict_logits
 from tuneforge.memory import find_batch_size
-from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, load_model_folder
+from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, restore_saved_weights
 from tuneforge.optim import L2SP, build_optimizer
 from tuneforge.recipe import Recipe, load_recipe
 from tuneforge.schedules import PlateauState
@@ -118,6 +122,7 @@ def _check_resumable(saved: dict, recipe: Recipe) -> None:
 def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
     if loaded.modality != data.modality:
         raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
                           f"data.train is {data.modality} data; choose a model for {data.modality} input or other data"])
@@ -184,7 +189,8 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
                                                    accelerator, console)
     sampler, train_loader, eval_loaders = make_loaders(recipe, data, datasets)
     updates_per_epoch, total_steps = training_length(sampler.batches_per_epoch, recipe.train)
-    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps)
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total_steps,
+                      adapter_scope(loaded))
     plateau = _plateau(recipe, data)
     optimizer, scheduler = build_optimizer(loaded.model, groups, plan, recipe.optim, max(total_steps, 1), plateau)
     # L2-SP snapshots the pretrained weights now, before a checkpoint can replace them.
@@ -274,6 +280,17 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
     if plateau is not None and state.plateau:
         plateau.load_state_dict(state.plateau)
     hooks = RunHooks(run, model, optimizer, scheduler, loaded, task, data, eval_loaders, plan, plateau)
+    if main:
+        total = sum(p.numel() for p in loaded.model.parameters())
+        trained = sum(p.numel() for n, p in loaded.model.named_parameters() if n in plan.ever_trainable())
+        adapter = f" ({recipe.adapter.method} adapter)" if recipe.adapter.enabled else ""
+        console.print(f"parameters: {trained:,} of {total:,} train ({trained / total:.2%}){adapter}")
+        run.record({"type": "parameters", "trainable": trained, "total": total, "adapter": recipe.adapter.method})
+        # What the model card says about the data and the base model comes from this record.
+        counts = torch.bincount(torch.tensor(data.label_ids("train")), minlength=len(data.labels)).tolist()
+        run.record({"type": "data", "modality": data.modality, "notes": data.notes,
+                    "splits": {name: {"source": split.source, "examples": len(split)} for name, split in data.splits.items()},
+                    "train_class_counts": dict(zip(data.label_names, counts)), "model_load": loaded.report.summary()})
     if main and total_steps:
         console.print(f"training: {total_steps} steps ({spec.epochs} epochs x {updates_per_epoch}), "
                       f"batch {spec.batch_size}, {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -293,9 +310,13 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
     if state.best_step is None:  # no validation split, or nothing trained
         hooks.save_best()
     else:  # evaluate the selected model, not the last one
-        best = load_model_folder(run_dir / MODEL_DIR)[0].model
-        accelerator.unwrap_model(model).load_state_dict(best.state_dict())
+        restore_saved_weights(accelerator.unwrap_model(model), run_dir / MODEL_DIR)
     metrics = _final_metrics(run, model, task, eval_loaders, state, train_seconds)
+    if recipe.adapter.save_merged and main:
+        with storage_errors(run_dir / MERGED_DIR):
+            merged = dataclasses.replace(loaded, model=merged_copy(accelerator.unwrap_model(model)), base=None)
+            save_run_model(merged, run_dir / MERGED_DIR, data, recipe)
+        console.print(f"merged model (adapter folded into the weights): {run_dir / MERGED_DIR}")
     return RunResult(run_dir, metrics)
 
 
@@ -351,7 +372,8 @@ def auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: LoadedM
     saved = run_dir / "recipe.yaml"
     if resume and saved.exists():
         return int(yaml.safe_load(saved.read_text())["train"]["batch_size"])
-    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch=1, total_steps=10**9)
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch=1, total_steps=10**9,
+                      adapter_params=adapter_scope(loaded))
     plan.apply(loaded.model, 0)
     loaded.model.to(accelerator.device)
     per_process, tried = find_batch_size(loaded.model, task, train_set, accelerator.device,

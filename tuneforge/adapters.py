@@ -1,0 +1,129 @@
+"""Parameter-efficient fine-tuning: peft's LoRA, DoRA and IA3 adapters, injected into the model in place.
+
+In place (peft's `inject_adapter_in_model`) rather than wrapped in a PeftModel, so parameter
+and module names keep their paths (`bert.encoder.layer.3.attention.self.query.lora_A.default.weight`
+sits inside block 3): layer groups, freezing plans, layer-wise learning rates, the feature cache
+and checkpoints all work unchanged. The adapter decides *which* parameters of a group can train
+(its own); the freezing plan decides *which groups* train; the new head always trains whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from tuneforge.errors import ModelError, first_line
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterSpec(BaseModel):
+    """Recipe section `adapter`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["none", "lora", "dora", "ia3"] = Field(
+        "none", description="lora, dora (LoRA with a learned magnitude per output), ia3 (learned scaling vectors)")
+    rank: int = Field(8, gt=0, description="LoRA/DoRA: rank of the update")
+    alpha: float = Field(16.0, gt=0, description="LoRA/DoRA: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA/DoRA: dropout on the adapter's input")
+    target_modules: Literal["all-linear"] | list[str] | None = Field(
+        None, description="module names (or suffixes) that get an adapter, or all-linear; default: peft's choice "
+                          "for the architecture (BERT: query and value)")
+    feedforward_modules: list[str] | None = Field(
+        None, description="IA3: which of target_modules are feed-forward layers (scaled on their input)")
+    save_merged: bool = Field(False, description="also write RUN/model-merged/: the adapter merged into full weights")
+
+    @model_validator(mode="after")
+    def _fields(self) -> AdapterSpec:
+        if self.method == "ia3" and self.target_modules is not None and self.feedforward_modules is None:
+            raise ValueError("method ia3 with target_modules needs feedforward_modules (those of target_modules that "
+                             "are feed-forward layers, e.g. [output.dense])")
+        if self.save_merged and self.method == "none":
+            raise ValueError("save_merged needs an adapter (method lora, dora or ia3)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
+    """The peft config for `spec`; the new head is excluded (it trains whole, not through an adapter)."""
+    from peft import IA3Config, LoraConfig
+
+    # A regex over full module paths: the head modules and everything inside them.
+    exclude = "|".join(rf"{re.escape(prefix)}(\..*)?" for prefix in head_prefixes) or None
+    if spec.method == "ia3":
+        return IA3Config(target_modules=spec.target_modules, feedforward_modules=spec.feedforward_modules,
+                         exclude_modules=exclude)
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+                      exclude_modules=exclude, use_dora=spec.method == "dora")
+
+
+def attach_adapter(model: nn.Module, spec: AdapterSpec, head_prefixes: list[str]) -> nn.Module:
+    """Inject the adapter into `model` (in place); raises ModelError when it fits nothing in the model."""
+    from peft import inject_adapter_in_model
+
+    if not spec.enabled:
+        return model
+    try:
+        inject_adapter_in_model(peft_config(spec, head_prefixes), model)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError([f"adapter.{spec.method}: {first_line(error)}. Set adapter.target_modules to module names "
+                          "of this model (`tuneforge inspect MODEL` lists its layers), or all-linear"]) from None
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> set[str]:
+    """Names of the adapter's own parameters (LoRA A/B, DoRA magnitudes, IA3 vectors), not the layers they adapt."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for attribute in module.adapter_layer_names:
+                for name, _ in getattr(module, attribute).named_parameters():
+                    names.add(f"{path}.{attribute}.{name}")
+    return names
+
+
+def has_adapter(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every adapter merged into the weights it adapts and removed: a plain model
+    with the original architecture, which transformers' from_pretrained loads without peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(model)
+    for path, module in list(merged.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            with torch.no_grad():
+                module.merge()
+            parent, _, child = path.rpartition(".")
+            setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
+    return merged
+
+
+def apply_adapter(loaded, spec: AdapterSpec, model_spec, image_spec) -> None:
+    """Attach the recipe's adapter to a loaded model and record how to rebuild it (LoadedModel.base)."""
+    if not spec.enabled:
+        return
+    attach_adapter(loaded.model, spec, loaded.head_prefixes)
+    loaded.base = {"model": model_spec.model_dump(mode="json"), "image": image_spec.model_dump(mode="json"),
+                   "adapter": spec.model_dump(mode="json")}
+
+
+def adapter_scope(loaded) -> set[str] | None:
+    """What a freezing plan may train outside the head: the adapter's parameters, or None without one."""
+    return adapter_parameters(loaded.model) if loaded.base is not None else None
