@@ -13,4 +13,12 @@ def finetune(recipe, overrides=None, output_dir=None, resume=False, overwrite=Fa
     return run_finetune(recipe, overrides, output_dir=output_dir, resume=resume, overwrite=overwrite)
 
 
-__all__ = ["DataError", "ModelError", "Recipe", "RecipeError", "ResumeError", "TuneforgeError", "finetune", "load_recipe"]
+def load(path):
+    """A trained model ready to predict: `tuneforge.load("runs/x").predict(["text", ...])` (see predictor.py)."""
+    from tuneforge.predictor import load as load_predictor
+
+    return load_predictor(path)
+
+
+__all__ = ["DataError", "ModelError", "Recipe", "RecipeError", "ResumeError", "TuneforgeError", "finetune", "load",
+           "load_recipe"]

@@ -51,6 +51,30 @@ def _inspect(args) -> None:
                   overrides=args.overrides)
 
 
+def _export(args) -> None:
+    from tuneforge.export import export_run
+
+    result = export_run(args.run, args.format, args.output, overwrite=args.overwrite)
+    check = "" if result.max_abs_diff is None else f"; max |logit difference| vs PyTorch {result.max_abs_diff:.2e}"
+    print(f"exported {args.format} to {result.folder} (model card: {result.folder / 'README.md'}){check}")
+
+
+def _serve(args) -> None:
+    import os
+
+    from tuneforge.serve import ServeSettings, serve
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise RecipeError([f"--token-env {args.token_env}: that environment variable is not set or empty"])
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                             max_inputs=args.max_inputs, max_text_chars=args.max_text_chars,
+                             max_concurrent=args.max_concurrent, timeout_s=args.timeout, token=token)
+    serve(args.run, args.host, args.port, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models from a YAML recipe.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="table with the text column, an image, or a folder of images")
     predict.add_argument("--output", required=True, help=".jsonl or .csv file to write")
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="write a run's model for deployment, with a model card")
+    export.add_argument("run", help="run directory (or its model/ folder)")
+    export.add_argument("--format", required=True, choices=["hf", "onnx", "torch-export"],
+                        help="hf: from_pretrained folder; onnx: checked with onnxruntime; torch-export: a .pt2 program")
+    export.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    export.set_defaults(handler=_export)
+
+    from tuneforge.serve import ServeSettings  # plain settings: importing them loads no model code
+
+    defaults = ServeSettings()
+    serve = commands.add_parser("serve", help="serve a model over HTTP (POST /predict, /health, /ready, /metadata)")
+    serve.add_argument("run", help="run directory, its model/ folder, or an hf export")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=defaults.max_batch, help="inputs per forward pass (1: no micro-batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, help="how long a batch waits to fill up")
+    serve.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger bodies get 413")
+    serve.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="more inputs per request get 422")
+    serve.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars, help="longer texts get 422")
+    serve.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent, help="more requests in flight get 429")
+    serve.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request before 504")
+    serve.add_argument("--token-env", help="require 'Authorization: Bearer TOKEN', TOKEN read from this environment variable")
+    serve.set_defaults(handler=_serve)
 
     inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
     inspect.add_argument("model", nargs="?", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', "

@@ -58,13 +58,17 @@ def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = 
 
 def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     """Write label and probabilities per input row (or image) to a .jsonl or .csv file."""
-    loaded, info, spec = _load(run)
+    from tuneforge.predictor import load
+
+    predictor = load(run)
+    info, spec = predictor.info, DataSpec(**predictor.info["data"])
     split = read_split("input", str(inputs), spec, require_labels=False)
     problems = split.problems or check_split(split, spec, [], require_labels=False)
     if problems:
         raise DataError(problems)
-    logits, _ = _logits(loaded, split, [0] * len(split), info)
-    predictions = ClassificationTask(info["label_names"]).predictions(logits)
+    # A whole file goes through the evaluation loader (batches, shortest first), not request by request.
+    logits, _ = _logits(predictor.loaded, split, [0] * len(split), info)
+    predictions = predictor.task.predictions(logits)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".csv":
@@ -126,6 +130,7 @@ def _reference_model(reference: str, weights: str | None, num_labels: int) -> Lo
 
 def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict], list[str]]:
     """The recipe's model with the recipe's labels, and its freezing plan resolved against it."""
+    from tuneforge.adapters import adapter_scope, apply_adapter
     from tuneforge.data.preflight import load_task_data
     from tuneforge.freeze import build_plan, describe_plan
     from tuneforge.groups import layer_groups
@@ -136,8 +141,9 @@ def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[Load
     recipe = load_recipe(recipe_path, overrides)
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
     batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32  # auto is only known by probing
     updates_per_epoch, total = training_length(-(-len(data.splits["train"]) // batch), recipe.train)
     groups = layer_groups(loaded.model, loaded.head_prefixes)
-    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total)
+    plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch, total, adapter_scope(loaded))
     return loaded, describe_plan(plan, groups, updates_per_epoch), [g.name for g in plan.fixed]

@@ -1,0 +1,165 @@
+"""tuneforge export: a run's model as a deployable folder, with a model card written from the run's records.
+
+Formats:
+  hf            safetensors + config (label map) + tokenizer or image processor: `from_pretrained` loads it
+                (an adapter run is exported merged, so the folder needs neither peft nor the base model)
+  onnx          model.onnx with dynamic batch (and sequence) axes, checked with onnxruntime against PyTorch
+  torch-export  model.pt2 from torch.export with a dynamic batch (and sequence) dimension, checked the same way;
+                its positional arguments are config.json's "inputs" (text: input_ids, attention_mask[, token_type_ids])
+Every format also gets the preprocessor files, tuneforge.json (labels, columns, max length) and README.md
+(the model card, see model_card.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tuneforge.adapters import merged_copy
+from tuneforge.errors import ModelError, StorageError, TuneforgeError
+from tuneforge.inference import model_folder
+from tuneforge.model_card import write_model_card
+from tuneforge.models import LoadedModel, load_model_folder, save_model_folder
+
+FORMATS = ("hf", "onnx", "torch-export")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the exported programs' argument order
+TOLERANCE = 1e-4  # max |exported - PyTorch| on the check inputs, in logits
+CHECK_TEXTS = ["good", "a much longer sentence, so that the check also covers another sequence length than export did",
+               "fine"]
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    format: str
+    max_abs_diff: float | None  # None for hf: the same weights, nothing converted
+
+
+class LogitsOnly(nn.Module):
+    """Positional inputs in, logits out: the plain signature ONNX and torch.export want."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]):
+        super().__init__()
+        self.model, self.input_names = model, input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.input_names, inputs))).logits
+
+
+def _inputs(loaded: LoadedModel, batch: int) -> dict[str, torch.Tensor]:
+    """Example inputs of `batch` examples: tokenised texts of different lengths, or pixels of the processor's size."""
+    if loaded.modality == "text":
+        texts = (CHECK_TEXTS * batch)[:batch]
+        encoded = loaded.preprocessor(texts, padding=True, truncation=True, return_tensors="pt")
+        return {k: encoded[k] for k in TEXT_INPUTS if k in encoded}
+    generator = torch.Generator().manual_seed(0)
+    size = _image_size(loaded.preprocessor)
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+
+
+def _image_size(processor) -> int:
+    size = getattr(processor, "size", None)
+    if isinstance(size, int):
+        return size
+    for key in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return 224
+
+
+def _plain(loaded: LoadedModel) -> LoadedModel:
+    """The model without an adapter: merged into its weights, eval mode."""
+    model = merged_copy(loaded.model) if loaded.base is not None else loaded.model
+    model.eval()
+    return replace(loaded, model=model, base=None)
+
+
+def _dynamic_axes(names: list[str]) -> dict:
+    return {name: ({0: "batch", 1: "sequence"} if name != "pixel_values" else {0: "batch"}) for name in names}
+
+
+def _export_onnx(loaded: LoadedModel, target: Path) -> float:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError(["--format onnx needs onnxruntime to check the export: pip install 'tuneforge[export]'"]) from None
+
+    example = _inputs(loaded, 2)
+    names = list(example)
+    wrapper = LogitsOnly(loaded.model, names).eval()
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(example.values()), str(target), input_names=names, output_names=["logits"],
+                          dynamic_axes=_dynamic_axes(names), dynamo=False, opset_version=17)
+    check = _inputs(loaded, 3)  # another batch size and sequence length than the export saw
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    feed = {name: value.numpy() for name, value in check.items()}
+    exported = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        reference = wrapper(*check.values()).numpy()
+    return float(np.abs(exported - reference).max())
+
+
+def _export_torch(loaded: LoadedModel, target: Path) -> float:
+    example = _inputs(loaded, 2)
+    names = list(example)
+    wrapper = LogitsOnly(loaded.model, names).eval()
+    # DYNAMIC lets torch.export infer the valid range (e.g. sequence <= the model's positions) instead of failing.
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes = tuple({0: dynamic} if name == "pixel_values" else {0: dynamic, 1: dynamic} for name in names)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, tuple(example.values()), dynamic_shapes=(shapes,))  # one *inputs
+    torch.export.save(program, str(target))
+    check = _inputs(loaded, 3)
+    reloaded = torch.export.load(str(target)).module()
+    with torch.no_grad():
+        return float((reloaded(*check.values()) - wrapper(*check.values())).abs().max())
+
+
+def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = False) -> ExportResult:
+    """Export a run (or a model folder) to `output`; raises when the exported model disagrees with PyTorch."""
+    if fmt not in FORMATS:
+        raise ModelError([f"--format {fmt!r} is not one of {', '.join(FORMATS)}"])
+    source, output = model_folder(run), Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise StorageError([f"{output} exists and is not empty; choose another --output or pass --overwrite"])
+    loaded, labels = load_model_folder(source)
+    loaded = _plain(loaded)
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    try:
+        if fmt == "hf":
+            save_model_folder(loaded, output, labels)
+            difference = None
+        else:
+            loaded.preprocessor.save_pretrained(output)
+            (output / "config.json").write_text(json.dumps(
+                {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt,
+                 "inputs": list(_inputs(loaded, 1)), "outputs": ["logits"]}, indent=2))
+            exporter, name = (_export_onnx, "model.onnx") if fmt == "onnx" else (_export_torch, "model.pt2")
+            try:
+                with warnings.catch_warnings():  # tracing notes about Python branches; the check below is what counts
+                    warnings.simplefilter("ignore")
+                    difference = exporter(loaded, output / name)
+            except TuneforgeError:
+                raise
+            except Exception as error:  # the exporters raise many types; the message is what matters
+                raise ModelError([f"this model cannot be exported as {fmt}: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}"]) from None
+            if difference > TOLERANCE:
+                raise ModelError([f"the {fmt} export differs from PyTorch by up to {difference:.2e} in the logits "
+                                  f"(tolerance {TOLERANCE:g}); not using it"])
+        shutil.copy(source / "tuneforge.json", output / "tuneforge.json")
+        write_model_card(run, source, output, fmt, difference)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # never leave a half-written export that looks complete
+        raise
+    return ExportResult(output, fmt, difference)

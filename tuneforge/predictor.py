@@ -1,0 +1,88 @@
+"""tuneforge.load(path): a trained model ready to predict, the one way predict, serve and the tests use a model.
+
+    predictor = tuneforge.load("runs/sst2-minilm")        # a run directory or a model folder
+    predictor.predict("a gripping, funny film")          # {"label": "positive", "probabilities": {...}}
+    predictor.predict(["good", "bad"])                    # one result per input
+Images: a PIL image, a path, or bytes of an image file, alone or in a list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tuneforge.data.loaders import TextDataset
+from tuneforge.data.sources import Split
+from tuneforge.errors import DataError
+from tuneforge.inference import model_folder
+from tuneforge.models import load_model_folder
+from tuneforge.tasks.classification import ClassificationTask
+
+
+class Predictor:
+    def __init__(self, path: str | Path):
+        self.folder = model_folder(path)
+        self.info = json.loads((self.folder / "tuneforge.json").read_text())
+        self.loaded, self.labels = load_model_folder(self.folder)
+        self.loaded.model.eval()
+        self.task = ClassificationTask(self.info["label_names"])
+        self.modality = self.loaded.modality
+        self.pairs = bool(self.info["data"].get("text_pair_column"))
+
+    @property
+    def metadata(self) -> dict:
+        return {"task": self.info["task"], "modality": self.modality, "labels": self.info["label_names"],
+                "label_values": self.info["label_values"], "max_length": self.info["max_length"],
+                "text_pairs": self.pairs, "adapter": self.loaded.base is not None}
+
+    def predict(self, inputs):
+        """Label and class probabilities for one input (a dict back) or a list of inputs (a list back)."""
+        single = not isinstance(inputs, (list, tuple)) or (self.pairs and _is_pair(inputs))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            return []
+        with torch.inference_mode():
+            logits = self.loaded.model(**self._batch(items)).logits
+        results = self.task.predictions(logits)
+        return results[0] if single else results
+
+    def _batch(self, items: list) -> dict[str, torch.Tensor]:
+        if self.modality == "text":
+            # The training path's own tokenisation, truncation and padding.
+            if self.pairs and not all(_is_pair(item) for item in items):
+                raise DataError(["this model reads text pairs: give each input as [text, pair]"])
+            if not all(isinstance(t, str) for item in items for t in (item if self.pairs else [item])):
+                raise DataError(["this model reads text: every input must be a string"])
+            texts = [item[0] if self.pairs else item for item in items]
+            split = Split("input", "request", [0] * len(items), [str(i) for i in range(len(items))], texts=texts,
+                          text_pairs=[item[1] for item in items] if self.pairs else None)
+            dataset = TextDataset(split, [0] * len(items), self.loaded.preprocessor, self.info["max_length"],
+                                  memory_map=False)
+            return dataset.collate([dataset[i] for i in range(len(items))])["inputs"]
+        images = [_image(item, index) for index, item in enumerate(items)]
+        return {"pixel_values": torch.cat([self.loaded.preprocessor(image, return_tensors="pt")["pixel_values"]
+                                           for image in images])}
+
+
+def _is_pair(item) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+
+def _image(item, index: int) -> Image.Image:
+    try:
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        source = io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, TypeError) as error:
+        raise DataError([f"input {index} is not a readable image ({type(error).__name__}: {error})"]) from None
+
+
+def load(path: str | Path) -> Predictor:
+    """A run directory (its best model) or a model folder, ready to predict."""
+    return Predictor(path)
