@@ -404,8 +404,12 @@ def load_adapter_folder(folder: Path, labels: list[str]) -> LoadedModel:
     apply_adapter(loaded, AdapterSpec(**base["adapter"]), spec, ImageSpec(**base["image"]))
     delta = load_file(str(folder / ADAPTER_FILE))
     unknown = sorted(set(delta) - set(loaded.model.state_dict()))
-    if unknown:
-        raise ModelError([f"{folder / ADAPTER_FILE} has weights the rebuilt model lacks: {unknown[:5]}"])
+    head = [name for name, _ in loaded.model.named_parameters()
+            if any(name.startswith(prefix + ".") for prefix in loaded.head_prefixes)]
+    missing = [name for name in head if name not in delta]
+    if unknown or missing:  # a head left at its random initialisation would predict noise
+        raise ModelError([f"{folder / ADAPTER_FILE} does not fit the rebuilt model: unknown weights {unknown[:5]}, "
+                          f"missing head weights {missing[:5]}"])
     loaded.model.load_state_dict(delta, strict=False)
     loaded.report = LoadReport()
     return loaded
