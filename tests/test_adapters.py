@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tuneforge import finetune
 from tuneforge.adapters import ADAPTER_FILE
 from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
-from tuneforge.errors import ModelError
+from tuneforge.errors import ModelError, RecipeError
 from tuneforge.inference import evaluate_run
 from tuneforge.models import load_model_folder
 
@@ -119,6 +119,10 @@ def test_an_adapter_that_fits_nothing_is_a_clear_error(tiny_bert_dir, text_data,
     adapter = {"method": "lora", "target_modules": ["no_such_layer"]}
     with pytest.raises(ModelError, match="target_modules"):
         finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "run", adapter))
+    baseline = _recipe(tiny_bert_dir, text_data, tmp_path / "run", ADAPTERS["lora"])
+    baseline["model"]["pretrained"] = False
+    with pytest.raises(RecipeError, match="model.pretrained: true"):
+        finetune(baseline)
 
 
 def test_lora_with_gradient_checkpointing_and_bf16(tiny_bert_no_dropout, text_data, tmp_path):

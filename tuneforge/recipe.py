@@ -228,6 +228,14 @@ class Recipe(Section):
     adapter: AdapterSpec = AdapterSpec()
     output: OutputSpec = OutputSpec()
 
+    @model_validator(mode="after")
+    def _adapter_on_pretrained(self) -> Recipe:
+        # An adapter's saved folder holds only what differs from the base, rebuilt from its pretrained weights.
+        if self.adapter.enabled and not self.model.pretrained:
+            raise ValueError("adapter.method needs model.pretrained: true (an adapter adapts pretrained weights; "
+                             "for a random-initialisation baseline use adapter.method: none)")
+        return self
+
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
 
