@@ -134,3 +134,27 @@ def test_lora_with_gradient_checkpointing_and_bf16(tiny_bert_no_dropout, text_da
     bf16 = finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "c", ADAPTERS["lora"], mixed_precision="bf16"))
     name = "bert.encoder.layer.1.attention.self.value.lora_B.default.weight"
     assert not torch.equal(_final(bf16)[name], torch.zeros_like(a[name])) and bf16.metrics["accuracy"] > 0
+
+
+def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir):
+    from tuneforge.adapters import AdapterSpec, adapter_scope, apply_adapter
+    from tuneforge.freeze import FreezeSpec, build_plan
+    from tuneforge.groups import layer_groups
+    from tuneforge.models import load_model
+    from tuneforge.optim import build_optimizer
+    from tuneforge.recipe import ImageSpec, ModelSpec, OptimSpec
+
+    spec = ModelSpec(name=str(tiny_bert_dir))
+    loaded = load_model(spec, ["a", "b"], ImageSpec())
+    apply_adapter(loaded, AdapterSpec(**ADAPTERS["lora"]), spec, ImageSpec())
+    groups = layer_groups(loaded.model, loaded.head_prefixes)
+    plan = build_plan(FreezeSpec(), groups, loaded.head_prefixes, 10, 100, adapter_scope(loaded))
+    optim = OptimSpec(lr=1e-3, lr_strategy="layerwise_decay", layer_decay=0.5, schedule="constant")
+    optimizer, _ = build_optimizer(loaded.model, groups, plan, optim, 100)
+    names = {id(p): n for n, p in loaded.model.named_parameters()}
+    by_group = {g["name"]: (g["lr"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups}
+    for block, decay in (("block.0", 0.25), ("block.1", 0.5)):  # the adapters sit in their block's group
+        lr, params = by_group[f"{block}/decay"]
+        assert params and all(".lora_" in name for name in params) and lr == pytest.approx(1e-3 * decay)
+    optimized = [name for _, params in by_group.values() for name in params]
+    assert all(".lora_" in name or name.startswith("classifier") for name in optimized)  # no pretrained weight
