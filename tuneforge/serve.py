@@ -261,9 +261,11 @@ async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings)
         raise _BadRequest(422, f"{len(items)} inputs in one request; the limit is {settings.max_inputs}")
     if predictor.modality == "text":
         for index, item in enumerate(items):
-            texts = item if isinstance(item, list) else [item]
-            if not all(isinstance(t, str) for t in texts):
-                raise _BadRequest(422, f"input {index} is not text" + (" (or a [text, pair] list)" if predictor.pairs else ""))
+            # Checked per request, as everything a prediction could refuse: one bad input must not fail a shared batch.
+            texts = item if predictor.pairs and isinstance(item, list) and len(item) == 2 else [item]
+            if not all(isinstance(t, str) for t in texts) or (predictor.pairs and texts == [item]):
+                raise _BadRequest(422, f"input {index} must be a [text, pair] list of two strings" if predictor.pairs
+                                  else f"input {index} is not text")
             if any(len(t) > settings.max_text_chars for t in texts):
                 raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
     return single, items
