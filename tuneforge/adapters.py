@@ -67,18 +67,17 @@ def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
                       exclude_modules=exclude, use_dora=spec.method == "dora")
 
 
-def attach_adapter(model: nn.Module, spec: AdapterSpec, head_prefixes: list[str]) -> nn.Module:
+def attach_adapter(model: nn.Module, spec: AdapterSpec, head_prefixes: list[str]) -> None:
     """Inject the adapter into `model` (in place); raises ModelError when it fits nothing in the model."""
     from peft import inject_adapter_in_model
 
     if not spec.enabled:
-        return model
+        return
     try:
         inject_adapter_in_model(peft_config(spec, head_prefixes), model)
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError([f"adapter.{spec.method}: {first_line(error)}. Set adapter.target_modules to module names "
                           "of this model (`tuneforge inspect MODEL` lists its layers), or all-linear"]) from None
-    return model
 
 
 def adapter_parameters(model: nn.Module) -> set[str]:
@@ -92,12 +91,6 @@ def adapter_parameters(model: nn.Module) -> set[str]:
                 for name, _ in getattr(module, attribute).named_parameters():
                     names.add(f"{path}.{attribute}.{name}")
     return names
-
-
-def has_adapter(model: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

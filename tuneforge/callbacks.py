@@ -120,8 +120,8 @@ class RunHooks:
         self.loaded, self.task, self.data, self.eval_loaders = loaded, task, data, eval_loaders
         self.plan, self.plateau = plan, plateau
         self.spec = run.recipe
-        trained = plan.ever_trainable()
-        self.never_trained = {n for n, _ in run.accelerator.unwrap_model(model).named_parameters() if n not in trained}
+        self.trained = plan.ever_trainable()
+        self.never_trained = {n for n, _ in run.accelerator.unwrap_model(model).named_parameters() if n not in self.trained}
         self.frozen_file: Path | None = None  # this process's last frozen.safetensors, linked into the next checkpoint
 
     def on_stage(self, state: TrainState, index: int) -> None:
@@ -236,7 +236,7 @@ class RunHooks:
         if self.run.main:
             with storage_errors(self.run.run_dir / MODEL_DIR):
                 save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec,
-                               trained=self.plan.ever_trainable())
+                               trained=self.trained)
         self.run.accelerator.wait_for_everyone()
 
     def unwrapped_loaded(self) -> LoadedModel:

@@ -14,8 +14,6 @@ from tuneforge.data.sources import read_split
 from tuneforge.errors import DataError, ModelError
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, load_model_folder
-from tuneforge.recipe import DataSpec
-from tuneforge.tasks.classification import ClassificationTask
 
 
 def model_folder(run: str | Path) -> Path:
@@ -26,31 +24,28 @@ def model_folder(run: str | Path) -> Path:
     return folder
 
 
-def _load(run) -> tuple[LoadedModel, dict, DataSpec]:
-    folder = model_folder(run)
-    info = json.loads((folder / "tuneforge.json").read_text())
-    loaded, _ = load_model_folder(folder)
-    return loaded, info, DataSpec(**info["data"])
-
-
-def _logits(loaded: LoadedModel, split, label_ids: list[int], info: dict):
-    dataset = make_dataset(split, label_ids, loaded.preprocessor, info["max_length"])
+def _logits(predictor, split, label_ids: list[int]):
+    """A whole file through the evaluation loader (batches, shortest first), not input by input."""
+    dataset = make_dataset(split, label_ids, predictor.loaded.preprocessor, predictor.info["max_length"])
     accelerator = Accelerator()
-    model, loader = accelerator.prepare(loaded.model, make_loader(dataset, 64, "auto"))
+    model, loader = accelerator.prepare(predictor.loaded.model, make_loader(dataset, 64, "auto"))
     return predict_logits(model, loader, accelerator)
 
 
 def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
     """All classification metrics of a run's model on a labelled file or image folder."""
-    loaded, info, spec = _load(run)
+    from tuneforge.predictor import load
+
+    predictor = load(run)
+    info, spec = predictor.info, predictor.data_spec
     split = read_split("evaluation", str(data), spec)
     problems = split.problems or check_split(split, spec, [])
     problems += unknown_labels(split, info["label_values"], "the model cannot predict labels it was not trained on")
     if problems:
         raise DataError(problems)
     index = {value: i for i, value in enumerate(info["label_values"])}
-    logits, labels = _logits(loaded, split, [index[label_key(v)] for v in split.labels], info)
-    metrics = ClassificationTask(info["label_names"]).metrics(logits, labels)
+    logits, labels = _logits(predictor, split, [index[label_key(v)] for v in split.labels])
+    metrics = predictor.task.metrics(logits, labels)
     if output:
         Path(output).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -61,13 +56,12 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     from tuneforge.predictor import load
 
     predictor = load(run)
-    info, spec = predictor.info, DataSpec(**predictor.info["data"])
+    info, spec = predictor.info, predictor.data_spec
     split = read_split("input", str(inputs), spec, require_labels=False)
     problems = split.problems or check_split(split, spec, [], require_labels=False)
     if problems:
         raise DataError(problems)
-    # A whole file goes through the evaluation loader (batches, shortest first), not request by request.
-    logits, _ = _logits(predictor.loaded, split, [0] * len(split), info)
+    logits, _ = _logits(predictor, split, [0] * len(split))
     predictions = predictor.task.predictions(logits)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

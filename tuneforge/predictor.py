@@ -20,6 +20,7 @@ from tuneforge.data.sources import Split
 from tuneforge.errors import DataError
 from tuneforge.inference import model_folder
 from tuneforge.models import load_model_folder
+from tuneforge.recipe import DataSpec
 from tuneforge.tasks.classification import ClassificationTask
 
 
@@ -32,6 +33,7 @@ class Predictor:
         self.task = ClassificationTask(self.info["label_names"])
         self.modality = self.loaded.modality
         self.pairs = bool(self.info["data"].get("text_pair_column"))
+        self.data_spec = DataSpec(**self.info["data"])  # the columns and format the model was trained on
 
     @property
     def metadata(self) -> dict:
@@ -50,22 +52,28 @@ class Predictor:
         results = self.task.predictions(logits)
         return results[0] if single else results
 
+    def prepare(self, items: list) -> list:
+        """Every input checked, and images opened: a bad one is reported with its index before it joins a batch."""
+        if self.modality == "image":
+            return [_image(item, index) for index, item in enumerate(items)]
+        for index, item in enumerate(items):
+            if not (_is_pair(item) if self.pairs else isinstance(item, str)):
+                raise DataError([f"input {index} must be a [text, pair] list of two strings" if self.pairs
+                                 else f"input {index} is not text"])
+        return items
+
     def _batch(self, items: list) -> dict[str, torch.Tensor]:
+        items = self.prepare(items)
         if self.modality == "text":
             # The training path's own tokenisation, truncation and padding.
-            if self.pairs and not all(_is_pair(item) for item in items):
-                raise DataError(["this model reads text pairs: give each input as [text, pair]"])
-            if not all(isinstance(t, str) for item in items for t in (item if self.pairs else [item])):
-                raise DataError(["this model reads text: every input must be a string"])
             texts = [item[0] if self.pairs else item for item in items]
             split = Split("input", "request", [0] * len(items), [str(i) for i in range(len(items))], texts=texts,
                           text_pairs=[item[1] for item in items] if self.pairs else None)
             dataset = TextDataset(split, [0] * len(items), self.loaded.preprocessor, self.info["max_length"],
                                   memory_map=False)
             return dataset.collate([dataset[i] for i in range(len(items))])["inputs"]
-        images = [_image(item, index) for index, item in enumerate(items)]
         return {"pixel_values": torch.cat([self.loaded.preprocessor(image, return_tensors="pt")["pixel_values"]
-                                           for image in images])}
+                                           for image in items])}
 
 
 def _is_pair(item) -> bool:

@@ -282,7 +282,7 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
     hooks = RunHooks(run, model, optimizer, scheduler, loaded, task, data, eval_loaders, plan, plateau)
     if main:
         total = sum(p.numel() for p in loaded.model.parameters())
-        trained = sum(p.numel() for n, p in loaded.model.named_parameters() if n in plan.ever_trainable())
+        trained = sum(p.numel() for n, p in loaded.model.named_parameters() if n in hooks.trained)
         adapter = f" ({recipe.adapter.method} adapter)" if recipe.adapter.enabled else ""
         console.print(f"parameters: {trained:,} of {total:,} train ({trained / total:.2%}){adapter}")
         run.record({"type": "parameters", "trainable": trained, "total": total, "adapter": recipe.adapter.method})

@@ -135,6 +135,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
 
     batcher = MicroBatcher(predictor.predict, settings.max_batch, settings.max_wait_ms)
     status = {"ready": False, "in_flight": 0}
+    run_summary = _run_summary(predictor)  # the run's records do not change while it serves: read them once
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -190,7 +191,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
 
     @app.get("/metadata")
     async def metadata():
-        return {**predictor.metadata, "run": _run_summary(predictor),
+        return {**predictor.metadata, "run": run_summary,
                 "limits": {k: v for k, v in vars(settings).items() if k != "token"},
                 "served": {"batches": batcher.batches, "inputs": batcher.inputs}}
 
@@ -204,7 +205,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
             results = await asyncio.wait_for(batcher.submit(items), settings.timeout_s)
         except asyncio.TimeoutError:
             return error(504, f"no prediction within {settings.timeout_s:g} s")
-        except TuneforgeError as problem:  # e.g. an unreadable image
+        except TuneforgeError as problem:  # a problem only the prediction itself found
             return error(422, problem.render())
         return {"prediction": results[0]} if single else {"predictions": results}
 
@@ -252,21 +253,17 @@ async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings)
             raise _BadRequest(422, '"inputs" must be a list')
         if predictor.modality == "image":
             items = [_decode_image(item, index) for index, item in enumerate(items)]
-    if predictor.modality == "image" and len(items) <= settings.max_inputs:
-        # Opened here, per request: a bad file gets its own 422 instead of failing the batch it would join.
-        items = await asyncio.to_thread(_open_images, items)
     if not items:
         raise _BadRequest(422, "no inputs given")
     if len(items) > settings.max_inputs:
         raise _BadRequest(422, f"{len(items)} inputs in one request; the limit is {settings.max_inputs}")
+    try:  # per request: a bad input gets its own 422 instead of failing the batch it would join
+        items = await asyncio.to_thread(predictor.prepare, items)
+    except TuneforgeError as problem:
+        raise _BadRequest(422, problem.problems[0]) from None
     if predictor.modality == "text":
         for index, item in enumerate(items):
-            # Checked per request, as everything a prediction could refuse: one bad input must not fail a shared batch.
-            texts = item if predictor.pairs and isinstance(item, list) and len(item) == 2 else [item]
-            if not all(isinstance(t, str) for t in texts) or (predictor.pairs and texts == [item]):
-                raise _BadRequest(422, f"input {index} must be a [text, pair] list of two strings" if predictor.pairs
-                                  else f"input {index} is not text")
-            if any(len(t) > settings.max_text_chars for t in texts):
+            if any(len(text) > settings.max_text_chars for text in (item if predictor.pairs else [item])):
                 raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
     return single, items
 
@@ -278,21 +275,6 @@ def _decode_image(item, index: int) -> bytes:
         return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
         raise _BadRequest(422, f"input {index} is not valid base64") from None
-
-
-def _open_images(items: list[bytes]) -> list:
-    import io
-
-    from PIL import Image
-
-    images = []
-    for index, item in enumerate(items):
-        try:
-            with Image.open(io.BytesIO(item)) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise _BadRequest(422, f"input {index} is not a readable image ({type(error).__name__})") from None
-    return images
 
 
 def _warm_up_input(predictor: "Predictor"):
