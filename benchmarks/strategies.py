@@ -6,7 +6,7 @@ train, more where only the small head does (its inputs, BERT's pooled [CLS]
 features, vary little, so a small LR barely moves it). Accuracy is on the GLUE validation set
 (872), held out; the epoch is chosen on 500 SST-2 dev sentences.
 
-    python benchmarks/strategies.py [--quick] [--output docs/strategies.md]
+    python benchmarks/strategies.py [--quick] [--only full,LoRA] [--lr 1e-3] [--output docs/strategies.md]
 
 --quick runs every strategy on a tiny configuration (for tests), not real data.
 """
@@ -40,6 +40,9 @@ STRATEGIES = {
         {"epochs": 1, "train": ["all"], "lr_multiplier": 0.5}]}, 1e-4),
     "bitfit (biases + head)": ({"strategy": "bitfit"}, 1e-2),
     "LoRA (rank 8 on query, value; + head)": ({"strategy": "full"}, 1e-3, {"method": "lora", "rank": 8, "alpha": 16}),
+    "prompt tuning (20 vectors; + head)": ({"strategy": "full"}, 3e-2, {"method": "prompt", "virtual_tokens": 20}),
+    "prefix tuning (20 keys/values per layer; + head)": ({"strategy": "full"}, 3e-2,
+                                                         {"method": "prefix", "virtual_tokens": 20}),
 }
 
 
@@ -50,8 +53,9 @@ def base_overrides(quick: bool) -> list[str]:
     return ["data.max_train_examples=1000", "train.epochs=3", "train.log_every_steps=100"]
 
 
-def run_strategy(recipe: str, name: str, overrides: list[str], workdir: Path) -> dict:
-    freeze, lr, *adapter = STRATEGIES[name]
+def run_strategy(recipe: str, name: str, overrides: list[str], workdir: Path, lr: float | None = None) -> dict:
+    freeze, default_lr, *adapter = STRATEGIES[name]
+    lr = lr or default_lr
     settings = load_recipe(recipe, [*overrides, f"optim.lr={lr}"]).model_dump(mode="json")
     settings["model"]["freeze"] = freeze
     settings["adapter"] = adapter[0] if adapter else {"method": "none"}
@@ -79,11 +83,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "sst2-minilm.yaml"))
     parser.add_argument("--output", help="write the Markdown table here")
+    parser.add_argument("--only", help="comma-separated first words of the strategies to run (e.g. full,LoRA)")
+    parser.add_argument("--lr", type=float, help="use this learning rate instead of each strategy's own")
     args = parser.parse_args(argv)
+    chosen = [name for name in STRATEGIES if not args.only or name.split()[0] in args.only.split(",")]
+    if not chosen:
+        parser.error(f"--only {args.only}: no strategy starts with that; they are "
+                     f"{', '.join(name.split()[0] for name in STRATEGIES)}")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name in STRATEGIES:
-            rows.append(run_strategy(args.recipe, name, base_overrides(args.quick), Path(workdir)))
+        for name in chosen:
+            rows.append(run_strategy(args.recipe, name, base_overrides(args.quick), Path(workdir), args.lr))
             print(f"{name}: accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['seconds']:.0f} s", flush=True)
     table = to_markdown(rows, args.quick)
     print(table)

@@ -1,4 +1,5 @@
-"""Adapters (LoRA, DoRA, IA3) and BitFit: only what they own trains, and what they save reloads exactly."""
+"""Adapters (LoRA, DoRA, IA3, prompt and prefix tuning) and BitFit: only what they own trains, and what
+they save reloads exactly."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ ADAPTERS = {
     "lora": {"method": "lora", "rank": 4, "alpha": 8},
     "dora": {"method": "dora", "rank": 4, "alpha": 8},
     "ia3": {"method": "ia3"},
+    "prompt": {"method": "prompt", "virtual_tokens": 4},
+    "prefix": {"method": "prefix", "virtual_tokens": 4},
 }
-ADAPTER_MARKS = (".lora_", ".ia3_l.")
+MERGEABLE = ("dora", "ia3", "lora")
+ADAPTER_MARKS = (".lora_", ".ia3_l.", ".tuneforge_prompt.", ".tuneforge_prefix.")
 
 
 def _recipe(tiny_bert_dir, text_data, out, adapter=None, freeze=None, **train):
@@ -58,7 +62,7 @@ def test_only_the_adapter_and_the_head_change(tiny_bert_dir, text_data, tmp_path
     assert record["adapter"] == method and 0 < record["trainable"] < record["total"] / 5
 
 
-@pytest.mark.parametrize("method", sorted(ADAPTERS))
+@pytest.mark.parametrize("method", MERGEABLE)
 def test_adapter_folder_is_small_and_it_and_the_merged_model_reload_to_the_same_logits(tiny_bert_dir, text_data,
                                                                                         tmp_path, method):
     from transformers import AutoModelForSequenceClassification
@@ -102,11 +106,12 @@ def test_bitfit_trains_biases_and_the_head_only(tiny_bert_dir, text_data, tmp_pa
     assert "bert.embeddings.word_embeddings.weight" not in moved
 
 
-def test_resume_with_an_adapter_is_bit_identical(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_resume_with_an_adapter_is_bit_identical(tiny_bert_dir, text_data, tmp_path, monkeypatch, method):
     settings = {"checkpoint_every_steps": 3}
-    whole = finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "a", ADAPTERS["lora"], epochs=2, **settings))
+    whole = finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "a", ADAPTERS[method], epochs=2, **settings))
     interrupt_after(monkeypatch, 8)
-    broken = _recipe(tiny_bert_dir, text_data, tmp_path / "b", ADAPTERS["lora"], epochs=2, **settings)
+    broken = _recipe(tiny_bert_dir, text_data, tmp_path / "b", ADAPTERS[method], epochs=2, **settings)
     with pytest.raises(KeyboardInterrupt):
         finetune(broken)
     monkeypatch.undo()
@@ -136,7 +141,8 @@ def test_lora_with_gradient_checkpointing_and_bf16(tiny_bert_no_dropout, text_da
     assert not torch.equal(_final(bf16)[name], torch.zeros_like(a[name])) and bf16.metrics["accuracy"] > 0
 
 
-def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir):
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir, method):
     from tuneforge.adapters import AdapterSpec, adapter_scope, apply_adapter
     from tuneforge.freeze import FreezeSpec, build_plan
     from tuneforge.groups import layer_groups
@@ -146,7 +152,8 @@ def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir):
 
     spec = ModelSpec(name=str(tiny_bert_dir))
     loaded = load_model(spec, ["a", "b"], ImageSpec())
-    apply_adapter(loaded, AdapterSpec(**ADAPTERS["lora"]), spec, ImageSpec())
+    apply_adapter(loaded, AdapterSpec(**ADAPTERS[method]), spec, ImageSpec())
+    mark = ".lora_" if method == "lora" else ".tuneforge_prefix."
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     plan = build_plan(FreezeSpec(), groups, loaded.head_prefixes, 10, 100, adapter_scope(loaded))
     optim = OptimSpec(lr=1e-3, lr_strategy="layerwise_decay", layer_decay=0.5, schedule="constant")
@@ -155,6 +162,79 @@ def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir):
     by_group = {g["name"]: (g["lr"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups}
     for block, decay in (("block.0", 0.25), ("block.1", 0.5)):  # the adapters sit in their block's group
         lr, params = by_group[f"{block}/decay"]
-        assert params and all(".lora_" in name for name in params) and lr == pytest.approx(1e-3 * decay)
+        assert params and all(mark in name for name in params) and lr == pytest.approx(1e-3 * decay)
     optimized = [name for _, params in by_group.values() for name in params]
-    assert all(".lora_" in name or name.startswith("classifier") for name in optimized)  # no pretrained weight
+    assert all(mark in name or name.startswith("classifier") for name in optimized)  # no pretrained weight
+
+
+def _complete(result):
+    return [checkpoint_weights(path) for path in complete_checkpoints(result.run_dir / "checkpoints")]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_learn_reload_exactly_and_export(tiny_bert_dir, text_data, tmp_path, method):
+    from tuneforge.export import TOLERANCE, export_run
+
+    result = finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "run", ADAPTERS[method], epochs=2))
+    first, last = _complete(result)[0], _complete(result)[-1]
+    vectors = [name for name in last if f".tuneforge_{method}." in name]
+    assert vectors and all(not torch.equal(first[name], last[name]) for name in vectors)  # they train
+    folder = result.run_dir / "model"
+    assert not (folder / "model.safetensors").exists()
+    assert (folder / ADAPTER_FILE).stat().st_size * 10 <= sum(v.numel() * 4 for v in _pretrained(tiny_bert_dir).values())
+    assert evaluate_run(result.run_dir, text_data["validation"])["accuracy"] == \
+        json.loads((result.run_dir / "eval.json").read_text())["splits"]["validation"]["accuracy"]
+
+    loaded, _ = load_model_folder(folder)
+    loaded.model.eval()
+    tokenizer = loaded.preprocessor
+    texts = ["good movie", "the plot was bad and dull and far too long"]
+    with torch.no_grad():  # padding the short text changes nothing: the mask covers the added vectors
+        together = loaded.model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+        alone = loaded.model(**tokenizer(texts[:1], return_tensors="pt")).logits
+    assert torch.allclose(together[0], alone[0], atol=1e-5)
+    for fmt in ("onnx", "torch-export"):  # the exported graph holds the vectors
+        assert export_run(result.run_dir, fmt, tmp_path / fmt).max_abs_diff < TOLERANCE
+    with pytest.raises(ModelError, match="--format onnx or torch-export"):
+        export_run(result.run_dir, "hf", tmp_path / "hf")
+    with pytest.raises(RecipeError, match="save_merged"):
+        finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "merged", {**ADAPTERS[method], "save_merged": True}))
+
+
+def test_prefix_with_partial_freezing_trains_the_last_block_and_caches_the_rest(tiny_bert_no_dropout, text_data,
+                                                                                 tmp_path):
+    freeze = {"strategy": "partial", "trainable_blocks": 1}
+    cached = finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "a", ADAPTERS["prefix"], freeze, epochs=2))
+    plain = finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "b", ADAPTERS["prefix"], freeze, epochs=2,
+                             cache_features=False))
+    records = [json.loads(line) for line in (cached.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "feature_cache" for r in records)  # embeddings + block 0 with its prefix: fixed
+    first, last = _complete(cached)[0], _complete(cached)[-1]
+    prefix = "bert.encoder.layer.{}.attention.self.tuneforge_prefix.key"
+    assert not torch.equal(first[prefix.format(1)], last[prefix.format(1)])
+    a, b = _final(cached), _final(plain)
+    assert torch.equal(a[prefix.format(0)], b[prefix.format(0)])  # block 0's prefix never trains
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the cache is only a shortcut
+
+
+def test_prompt_outside_the_trained_groups_is_refused(tiny_bert_dir, text_data, tmp_path):
+    freeze = {"strategy": "partial", "trainable_blocks": 1}
+    with pytest.raises(RecipeError, match="adapter sits in embeddings, which no stage trains"):
+        finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "run", ADAPTERS["prompt"], freeze))
+    with pytest.raises(RecipeError, match="target_modules applies to lora"):
+        finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "run", {**ADAPTERS["prefix"], "target_modules": ["query"]}))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_with_gradient_checkpointing_and_bf16(tiny_bert_no_dropout, text_data, tmp_path, method):
+    adapter = ADAPTERS[method]
+    plain = finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "a", adapter))
+    checkpointed = finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "b", adapter,
+                                    gradient_checkpointing=True))
+    a, b = _final(plain), _final(checkpointed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # recomputing activations changes nothing
+    bf16 = _complete(finetune(_recipe(tiny_bert_no_dropout, text_data, tmp_path / "c", adapter, epochs=2,
+                                      mixed_precision="bf16")))
+    vectors = [name for name in a if f".tuneforge_{method}." in name]
+    assert vectors and all(not torch.equal(bf16[0][name], bf16[-1][name]) for name in vectors)  # they train in bf16
+

@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning: peft's LoRA, DoRA and IA3 adapters, injected into the model in place.
+"""Parameter-efficient fine-tuning: peft's LoRA, DoRA and IA3 adapters, injected into the model in place,
+and prompt and prefix tuning (virtual tokens, see prompts.py).
 
 In place (peft's `inject_adapter_in_model`) rather than wrapped in a PeftModel, so parameter
 and module names keep their paths (`bert.encoder.layer.3.attention.self.query.lora_A.default.weight`
@@ -28,8 +29,10 @@ class AdapterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["none", "lora", "dora", "ia3"] = Field(
-        "none", description="lora, dora (LoRA with a learned magnitude per output), ia3 (learned scaling vectors)")
+    method: Literal["none", "lora", "dora", "ia3", "prompt", "prefix"] = Field(
+        "none", description="lora, dora (LoRA with a learned magnitude per output), ia3 (learned scaling vectors), "
+                            "prompt (learned vectors inserted after the first token), prefix (learned keys and values "
+                            "in every attention layer)")
     rank: int = Field(8, gt=0, description="LoRA/DoRA: rank of the update")
     alpha: float = Field(16.0, gt=0, description="LoRA/DoRA: the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA/DoRA: dropout on the adapter's input")
@@ -38,6 +41,8 @@ class AdapterSpec(BaseModel):
                           "for the architecture (BERT: query and value)")
     feedforward_modules: list[str] | None = Field(
         None, description="IA3: which of target_modules are feed-forward layers (scaled on their input)")
+    virtual_tokens: int = Field(20, gt=0, description="prompt: how many vectors are inserted; prefix: how many keys "
+                                                      "and values each attention layer gets")
     save_merged: bool = Field(False, description="also write RUN/model-merged/: the adapter merged into full weights")
 
     @model_validator(mode="after")
@@ -45,13 +50,24 @@ class AdapterSpec(BaseModel):
         if self.method == "ia3" and self.target_modules is not None and self.feedforward_modules is None:
             raise ValueError("method ia3 with target_modules needs feedforward_modules (those of target_modules that "
                              "are feed-forward layers, e.g. [output.dense])")
-        if self.save_merged and self.method == "none":
-            raise ValueError("save_merged needs an adapter (method lora, dora or ia3)")
+        if self.save_merged and not self.mergeable:
+            raise ValueError(f"save_merged needs an adapter that merges into the weights (method lora, dora or ia3); "
+                             f"{self.method} adds vectors the original architecture has no place for")
+        if self.method in ("prompt", "prefix"):
+            given = [name for name in ("target_modules", "feedforward_modules") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} applies to lora, dora and ia3; method {self.method} places its "
+                                 "vectors itself (remove the key)")
         return self
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapter folds into the original weights (a plain transformers model)."""
+        return self.method in ("lora", "dora", "ia3")
 
 
 def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
@@ -67,24 +83,39 @@ def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
                       exclude_modules=exclude, use_dora=spec.method == "dora")
 
 
-def attach_adapter(model: nn.Module, spec: AdapterSpec, head_prefixes: list[str]) -> None:
-    """Inject the adapter into `model` (in place); raises ModelError when it fits nothing in the model."""
+def attach_adapter(loaded, spec: AdapterSpec) -> None:
+    """Attach the adapter to `loaded.model` (in place); raises ModelError when it does not fit the model."""
     from peft import inject_adapter_in_model
 
-    if not spec.enabled:
+    from tuneforge.groups import layer_groups
+    from tuneforge.models import example_inputs
+    from tuneforge.prompts import attach_prefix, attach_prompt
+
+    model = loaded.model
+    if spec.method in ("prompt", "prefix"):
+        example = example_inputs(loaded, 2)
+        if spec.method == "prefix":
+            attach_prefix(model, spec.virtual_tokens, example)
+        else:
+            front = layer_groups(model, loaded.head_prefixes)[0]
+            attach_prompt(model, spec.virtual_tokens, front.modules if front.name in ("embeddings", "stem") else [],
+                          example)
         return
     try:
-        inject_adapter_in_model(peft_config(spec, head_prefixes), model)
+        inject_adapter_in_model(peft_config(spec, loaded.head_prefixes), model)
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError([f"adapter.{spec.method}: {first_line(error)}. Set adapter.target_modules to module names "
                           "of this model (`tuneforge inspect MODEL` lists its layers), or all-linear"]) from None
 
 
 def adapter_parameters(model: nn.Module) -> set[str]:
-    """Names of the adapter's own parameters (LoRA A/B, DoRA magnitudes, IA3 vectors), not the layers they adapt."""
+    """Names of the adapter's own parameters (LoRA A/B, DoRA magnitudes, IA3 vectors, prompt and prefix
+    vectors), not the layers they adapt."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names = set()
+    from tuneforge.prompts import virtual_token_parameters
+
+    names = virtual_token_parameters(model)
     for path, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
             for attribute in module.adapter_layer_names:
@@ -95,7 +126,8 @@ def adapter_parameters(model: nn.Module) -> set[str]:
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` with every adapter merged into the weights it adapts and removed: a plain model
-    with the original architecture, which transformers' from_pretrained loads without peft."""
+    with the original architecture, which transformers' from_pretrained loads without peft. Prompt and
+    prefix vectors cannot merge and stay in the copy."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = copy.deepcopy(model)
@@ -112,7 +144,7 @@ def apply_adapter(loaded, spec: AdapterSpec, model_spec, image_spec) -> None:
     """Attach the recipe's adapter to a loaded model and record how to rebuild it (LoadedModel.base)."""
     if not spec.enabled:
         return
-    attach_adapter(loaded.model, spec, loaded.head_prefixes)
+    attach_adapter(loaded, spec)
     loaded.base = {"model": model_spec.model_dump(mode="json"), "image": image_spec.model_dump(mode="json"),
                    "adapter": spec.model_dump(mode="json")}
 

@@ -2,7 +2,8 @@
 
 Formats:
   hf            safetensors + config (label map) + tokenizer or image processor: `from_pretrained` loads it
-                (an adapter run is exported merged, so the folder needs neither peft nor the base model)
+                (an adapter run is exported merged, so the folder needs neither peft nor the base model;
+                prompt and prefix tuning cannot merge, so their runs export to the formats below only)
   onnx          model.onnx with dynamic batch (and sequence) axes, checked with onnxruntime against PyTorch
   torch-export  model.pt2 from torch.export with a dynamic batch (and sequence) dimension, checked the same way;
                 its positional arguments are config.json's "inputs" (text: input_ids, attention_mask[, token_type_ids])
@@ -22,17 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneforge.adapters import merged_copy
+from tuneforge.adapters import AdapterSpec, merged_copy
 from tuneforge.errors import ModelError, StorageError, TuneforgeError
 from tuneforge.inference import model_folder
 from tuneforge.model_card import write_model_card
-from tuneforge.models import LoadedModel, load_model_folder, save_model_folder
+from tuneforge.models import LoadedModel, example_inputs, load_model_folder, save_model_folder
 
 FORMATS = ("hf", "onnx", "torch-export")
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the exported programs' argument order
 TOLERANCE = 1e-4  # max |exported - PyTorch| on the check inputs, in logits
-CHECK_TEXTS = ["good", "a much longer sentence, so that the check also covers another sequence length than export did",
-               "fine"]
 
 
 @dataclass
@@ -53,28 +51,6 @@ class LogitsOnly(nn.Module):
         return self.model(**dict(zip(self.input_names, inputs))).logits
 
 
-def _inputs(loaded: LoadedModel, batch: int) -> dict[str, torch.Tensor]:
-    """Example inputs of `batch` examples: tokenised texts of different lengths, or pixels of the processor's size."""
-    if loaded.modality == "text":
-        texts = (CHECK_TEXTS * batch)[:batch]
-        encoded = loaded.preprocessor(texts, padding=True, truncation=True, return_tensors="pt")
-        return {k: encoded[k] for k in TEXT_INPUTS if k in encoded}
-    generator = torch.Generator().manual_seed(0)
-    size = _image_size(loaded.preprocessor)
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
-
-
-def _image_size(processor) -> int:
-    size = getattr(processor, "size", None)
-    if isinstance(size, int):
-        return size
-    for key in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
-        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-        if value:
-            return int(value)
-    return 224
-
-
 def _plain(loaded: LoadedModel) -> LoadedModel:
     """The model without an adapter: merged into its weights, eval mode."""
     model = merged_copy(loaded.model) if loaded.base is not None else loaded.model
@@ -92,13 +68,13 @@ def _export_onnx(loaded: LoadedModel, target: Path) -> float:
     except ImportError:
         raise ModelError(["--format onnx needs onnxruntime to check the export: pip install 'tuneforge[export]'"]) from None
 
-    example = _inputs(loaded, 2)
+    example = example_inputs(loaded, 2)
     names = list(example)
     wrapper = LogitsOnly(loaded.model, names).eval()
     with torch.no_grad():
         torch.onnx.export(wrapper, tuple(example.values()), str(target), input_names=names, output_names=["logits"],
                           dynamic_axes=_dynamic_axes(names), dynamo=False, opset_version=17)
-    check = _inputs(loaded, 3)  # another batch size and sequence length than the export saw
+    check = example_inputs(loaded, 3)  # another batch size and sequence length than the export saw
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     feed = {name: value.numpy() for name, value in check.items()}
     exported = session.run(["logits"], feed)[0]
@@ -108,7 +84,7 @@ def _export_onnx(loaded: LoadedModel, target: Path) -> float:
 
 
 def _export_torch(loaded: LoadedModel, target: Path) -> float:
-    example = _inputs(loaded, 2)
+    example = example_inputs(loaded, 2)
     names = list(example)
     wrapper = LogitsOnly(loaded.model, names).eval()
     # DYNAMIC lets torch.export infer the valid range (e.g. sequence <= the model's positions) instead of failing.
@@ -117,7 +93,7 @@ def _export_torch(loaded: LoadedModel, target: Path) -> float:
     with torch.no_grad():
         program = torch.export.export(wrapper, tuple(example.values()), dynamic_shapes=(shapes,))  # one *inputs
     torch.export.save(program, str(target))
-    check = _inputs(loaded, 3)
+    check = example_inputs(loaded, 3)
     reloaded = torch.export.load(str(target)).module()
     with torch.no_grad():
         return float((reloaded(*check.values()) - wrapper(*check.values())).abs().max())
@@ -131,6 +107,9 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise StorageError([f"{output} exists and is not empty; choose another --output or pass --overwrite"])
     loaded, labels = load_model_folder(source)
+    if fmt == "hf" and loaded.base is not None and not AdapterSpec(**loaded.base["adapter"]).mergeable:
+        raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
+                          "plain transformers folder has no place for; export it with --format onnx or torch-export"])
     loaded = _plain(loaded)
     if output.exists():
         shutil.rmtree(output)
@@ -143,7 +122,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
             loaded.preprocessor.save_pretrained(output)
             (output / "config.json").write_text(json.dumps(
                 {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt,
-                 "inputs": list(_inputs(loaded, 1)), "outputs": ["logits"]}, indent=2))
+                 "inputs": list(example_inputs(loaded, 1)), "outputs": ["logits"]}, indent=2))
             exporter, name = (_export_onnx, "model.onnx") if fmt == "onnx" else (_export_torch, "model.pt2")
             try:
                 with warnings.catch_warnings():  # tracing notes about Python branches; the check below is what counts

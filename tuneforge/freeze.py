@@ -222,6 +222,11 @@ def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[s
         stages.append(Stage(start, selectors, multiplier, trainable, names))
         if stage_spec is not None:
             start += stage_spec.steps or round(stage_spec.epochs * updates_per_epoch)
+    if adapter_params and stages and not set(adapter_params) & set().union(*(stage.trainable for stage in stages)):
+        where = sorted({g.name for g in groups for p in g.params if p in adapter_params})
+        problems.append(f"model.freeze: the adapter sits in {', '.join(where)}, which no stage trains, so only the head "
+                        "would learn; choose a strategy whose stages include those groups (e.g. full), or another "
+                        "adapter.method")
     if spec.strategy == "progressive" and stages and stages[-1].start_step >= total_steps > 0:
         problems.append(f"model.freeze.stages: the stages start at steps {[s.start_step for s in stages]} but training "
                         f"has {total_steps} steps, so the last stage would never run; lengthen train.epochs or "

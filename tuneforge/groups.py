@@ -111,6 +111,16 @@ def frozen_prefix(groups: list[LayerGroup], frozen: set[str]) -> list[LayerGroup
     return [groups[0], *blocks] if blocks else []
 
 
+def common_path(modules: list[str]) -> str:
+    """The deepest module path that contains every one of `modules` ("" for the root)."""
+    common = []
+    for parts in zip(*(m.split(".") for m in modules)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
 def covering_modules(model: nn.Module, prefix: list[LayerGroup]) -> list[str] | None:
     """Whole modules that compute exactly the prefix groups, in forward order, or None.
 
@@ -122,13 +132,7 @@ def covering_modules(model: nn.Module, prefix: list[LayerGroup]) -> list[str] | 
     if not prefix:
         return None
     front, blocks = prefix[0], [g.modules[0] for g in prefix[1:]]
-    paths = [m.split(".") for m in front.modules]
-    common = []
-    for parts in zip(*paths):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    parent = ".".join(common)
+    parent = common_path(front.modules)
     if parent and not any(_within(b, parent) for b in blocks):
         return [parent, *blocks]
     if parent in front.modules:

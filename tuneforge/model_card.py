@@ -42,7 +42,11 @@ def _strategy(recipe: dict) -> list[str]:
         length = f"{stage['epochs']} epochs" if stage.get("epochs") else f"{stage['steps']} steps"
         lines.append(f"  - stage {index}: {length}, trains {', '.join(stage['train'])}, LR x{stage['lr_multiplier']}")
     adapter = recipe.get("adapter") or {"method": "none"}
-    if adapter["method"] != "none":
+    if adapter["method"] == "prompt":
+        lines.append(f"- Adapter: prompt tuning, {adapter['virtual_tokens']} learned vectors after the first token")
+    elif adapter["method"] == "prefix":
+        lines.append(f"- Adapter: prefix tuning, {adapter['virtual_tokens']} learned keys and values per attention layer")
+    elif adapter["method"] != "none":
         detail = "" if adapter["method"] == "ia3" else f", rank {adapter['rank']}, alpha {adapter['alpha']}, dropout {adapter['dropout']}"
         lines.append(f"- Adapter: {adapter['method']}{detail}, on {adapter['target_modules'] or 'the architecture default'}")
     else:

@@ -350,6 +350,36 @@ def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
+# ---------------------------------------------------------------- example inputs
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # exported programs take them in this order
+EXAMPLE_TEXTS = ["good", "a much longer sentence, so that a check also covers another sequence length than export did",
+                 "fine"]
+
+
+def example_inputs(loaded: LoadedModel, batch: int) -> dict[str, torch.Tensor]:
+    """Example inputs of `batch` examples: tokenised texts of different lengths (so there is padding), or
+    pixels of the processor's size. Export checks its programs with them; adapters probe the model with them."""
+    if loaded.modality == "text":
+        texts = (EXAMPLE_TEXTS * batch)[:batch]
+        encoded = loaded.preprocessor(texts, padding=True, truncation=True, return_tensors="pt")
+        return {k: encoded[k] for k in TEXT_INPUTS if k in encoded}
+    generator = torch.Generator().manual_seed(0)
+    size = _image_size(loaded.preprocessor)
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+
+
+def _image_size(processor) -> int:
+    size = getattr(processor, "size", None)
+    if isinstance(size, int):
+        return size
+    for key in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return 224
+
+
 # ---------------------------------------------------------------- model folders
 
 def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str], trained: set[str] | None = None) -> None:
