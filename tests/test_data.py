@@ -399,20 +399,20 @@ def test_fraction_then_sampling(hundred):
 def test_task_labels_fix_class_order_and_label_names_rename(tmp_path):
     train = write_tsv(tmp_path / "train.tsv", [("good", 1), ("bad", 0), ("fine", 1)])
     default = load(train=str(train), text_column="sentence")
-    assert default.labels == ["0", "1"] and default.label_ids("train") == [1, 0, 1]
+    assert default.labels == ["0", "1"] and default.targets("train") == [1, 0, 1]
 
     fixed = load({"labels": ["1", "0"], "label_names": ["positive", "negative"]}, train=str(train),
                  text_column="sentence")
     assert fixed.labels == ["1", "0"]
     assert fixed.label_names == ["positive", "negative"]
-    assert fixed.label_ids("train") == [0, 1, 0]
+    assert fixed.targets("train") == [0, 1, 0]
 
 
 def test_task_labels_may_list_labels_absent_from_train(tmp_path):
     train = write_tsv(tmp_path / "train.tsv", [("good", 1), ("bad", 0)])
     test = write_tsv(tmp_path / "test.tsv", [("meh", 2), ("bad", 0)])
     data = load({"labels": ["0", "1", "2"]}, train=str(train), test=str(test), text_column="sentence")
-    assert data.labels == ["0", "1", "2"] and data.label_ids("test") == [2, 0]
+    assert data.labels == ["0", "1", "2"] and data.targets("test") == [2, 0]
 
 
 def test_numeric_labels_sort_as_numbers(tmp_path):
@@ -439,8 +439,8 @@ def test_labels_from_different_formats_agree(tmp_path):
     pd.DataFrame({"sentence": ["x", "y"], "label": [0.0, 1.0]}).to_parquet(test)
     data = load(train=str(train), validation=str(validation), test=str(test), text_column="sentence")
     assert data.labels == ["0", "1"]
-    assert data.label_ids("validation") == [1, 1, 0]
-    assert data.label_ids("test") == [0, 1]
+    assert data.targets("validation") == [1, 1, 0]
+    assert data.targets("test") == [0, 1]
 
 
 def test_read_split_is_used_for_single_images(tmp_path):

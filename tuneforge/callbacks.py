@@ -26,7 +26,6 @@ from tuneforge.schedules import PlateauState, refresh_lr
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
 MERGED_DIR = "model-merged"  # with adapter.save_merged: the best model with its adapter folded into the weights
 FEATURE_CACHE_DIR = "feature_cache"  # per split: a frozen prefix's outputs (see feature_cache.py)
-SUMMARY_KEYS = ("accuracy", "f1_macro", "auc_roc", "loss")
 
 
 def write_json_atomic(path: Path, content) -> None:
@@ -47,7 +46,7 @@ def replace_folder(folder: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe,
+def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe, task,
                    trained: set[str] | None = None) -> None:
     """The deployable model folder, plus what tuneforge needs to evaluate and predict with it.
 
@@ -55,11 +54,19 @@ def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Re
     def write(target: Path) -> None:
         save_model_folder(loaded, target, data.label_names, trained)
         info = {"task": recipe.task.type, "modality": data.modality, "label_values": data.labels,
-                "label_names": data.label_names, "max_length": recipe.model.max_length,
+                "label_names": data.label_names, "max_length": recipe.model.max_length, **task.info,
                 "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
-                                                                      "label_column", "columns"})}
+                                                                      "label_column", "label_separator",
+                                                                      "image_column", "columns"})}
         (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
     replace_folder(folder, write)
+
+
+def update_model_info(folder: Path, values: dict) -> None:
+    """Change entries of a saved model's tuneforge.json (e.g. a threshold chosen after training)."""
+    with storage_errors(folder):
+        info = json.loads((folder / "tuneforge.json").read_text())
+        write_json_atomic(folder / "tuneforge.json", {**info, **values})
 
 
 @contextlib.contextmanager
@@ -194,7 +201,7 @@ class RunHooks:
             return
         maximise = self.spec.eval.mode == "max"
         better = state.best_metric is None or (monitored > state.best_metric if maximise else monitored < state.best_metric)
-        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
+        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in self.task.summary_keys if metrics.get(k) is not None)
         if self.run.main:
             self.run.console.print(f"step {state.step} validation: {summary}" + ("  [green]best[/]" if better else ""))
         self._early_stopping(state, monitored, maximise)
@@ -235,7 +242,7 @@ class RunHooks:
     def save_best(self) -> None:
         if self.run.main:
             with storage_errors(self.run.run_dir / MODEL_DIR):
-                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec,
+                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec, self.task,
                                trained=self.trained)
         self.run.accelerator.wait_for_everyone()
 

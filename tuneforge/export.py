@@ -58,6 +58,23 @@ def _plain(loaded: LoadedModel) -> LoadedModel:
     return replace(loaded, model=model, base=None)
 
 
+def _fold_target_scaling(loaded: LoadedModel, info: dict) -> dict:
+    """A regression model learned its targets scaled to mean 0, std 1; fold that scaling into the head's
+    last Linear, so every exported format outputs the data's units. Returns the info to export with it."""
+    if info.get("task") != "regression":
+        return info
+    head = [m for prefix in loaded.head_prefixes for m in loaded.model.get_submodule(prefix).modules()
+            if isinstance(m, nn.Linear)]
+    if not head or head[-1].bias is None:
+        raise ModelError(["this regression model's head does not end in a Linear layer with a bias, so its target "
+                          "scaling cannot be folded into it for export"])
+    mean, std = torch.tensor(info["target_mean"]), torch.tensor(info["target_std"])
+    with torch.no_grad():
+        head[-1].weight.mul_(std[:, None].to(head[-1].weight.dtype))
+        head[-1].bias.mul_(std.to(head[-1].bias.dtype)).add_(mean.to(head[-1].bias.dtype))
+    return {**info, "target_mean": [0.0] * len(mean), "target_std": [1.0] * len(std)}
+
+
 def _dynamic_axes(names: list[str]) -> dict:
     return {name: ({0: "batch", 1: "sequence"} if name != "pixel_values" else {0: "batch"}) for name in names}
 
@@ -111,6 +128,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])
     loaded = _plain(loaded)
+    info = _fold_target_scaling(loaded, json.loads((source / "tuneforge.json").read_text()))
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -122,7 +140,8 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
             loaded.preprocessor.save_pretrained(output)
             (output / "config.json").write_text(json.dumps(
                 {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt,
-                 "inputs": list(example_inputs(loaded, 1)), "outputs": ["logits"]}, indent=2))
+                 "task": info.get("task", "classification"), "inputs": list(example_inputs(loaded, 1)),
+                 "outputs": ["logits"]}, indent=2))
             exporter, name = (_export_onnx, "model.onnx") if fmt == "onnx" else (_export_torch, "model.pt2")
             try:
                 with warnings.catch_warnings():  # tracing notes about Python branches; the check below is what counts
@@ -136,7 +155,7 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
             if difference > TOLERANCE:
                 raise ModelError([f"the {fmt} export differs from PyTorch by up to {difference:.2e} in the logits "
                                   f"(tolerance {TOLERANCE:g}); not using it"])
-        shutil.copy(source / "tuneforge.json", output / "tuneforge.json")
+        (output / "tuneforge.json").write_text(json.dumps(info, indent=2))
         write_model_card(run, source, output, fmt, difference)
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)  # never leave a half-written export that looks complete

@@ -217,7 +217,7 @@ class CachedDataset(Dataset):
 
     def __init__(self, base: TextDataset | ImageDataset, store: FeatureStore):
         self.base, self.store = base, store
-        self.label_ids = base.label_ids
+        self.targets = base.targets
 
     def __len__(self) -> int:
         return len(self.base)
@@ -226,7 +226,7 @@ class CachedDataset(Dataset):
         return self.base.lengths() if self.store.per_token else [1] * len(self)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.base[index] if self.store.per_token else {"label": self.label_ids[index], "index": index}
+        item = self.base[index] if self.store.per_token else {"label": self.targets[index], "index": index}
         return {**item, "cached": self.store.view(index)}
 
     def collate(self, items: list[dict]) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from tuneforge.data.loaders import make_dataset, make_loader
-from tuneforge.data.preflight import check_split, label_key, unknown_labels
+from tuneforge.data.preflight import check_split, check_targets, encode_targets, unknown_labels
 from tuneforge.data.sources import read_split
 from tuneforge.errors import DataError, ModelError
 from tuneforge.loop import predict_logits
@@ -24,27 +24,30 @@ def model_folder(run: str | Path) -> Path:
     return folder
 
 
-def _logits(predictor, split, label_ids: list[int]):
+def _logits(predictor, split, targets: list):
     """A whole file through the evaluation loader (batches, shortest first), not input by input."""
-    dataset = make_dataset(split, label_ids, predictor.loaded.preprocessor, predictor.info["max_length"])
+    dataset = make_dataset(split, targets, predictor.loaded.preprocessor, predictor.info["max_length"])
     accelerator = Accelerator()
     model, loader = accelerator.prepare(predictor.loaded.model, make_loader(dataset, 64, "auto"))
     return predict_logits(model, loader, accelerator)
 
 
 def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
-    """All classification metrics of a run's model on a labelled file or image folder."""
+    """All of the task's metrics for a run's model on a labelled file or image folder."""
     from tuneforge.predictor import load
 
     predictor = load(run)
-    info, spec = predictor.info, predictor.data_spec
+    info, spec, kind = predictor.info, predictor.data_spec, predictor.task.name
     split = read_split("evaluation", str(data), spec)
-    problems = split.problems or check_split(split, spec, [])
-    problems += unknown_labels(split, info["label_values"], "the model cannot predict labels it was not trained on")
+    problems = split.problems or check_split(split, spec, [], kind=kind)
+    if kind == "classification":
+        problems += unknown_labels(split, info["label_values"], "the model cannot predict labels it was not trained on")
+    elif not split.problems:
+        problems += check_targets(split, kind, info["label_values"], spec.label_separator, spec.label_column)
     if problems:
         raise DataError(problems)
-    index = {value: i for i, value in enumerate(info["label_values"])}
-    logits, labels = _logits(predictor, split, [index[label_key(v)] for v in split.labels])
+    targets = encode_targets(kind, split.labels, info["label_values"], spec.label_separator)
+    logits, labels = _logits(predictor, split, targets)
     metrics = predictor.task.metrics(logits, labels)
     if output:
         Path(output).write_text(json.dumps(metrics, indent=2))
@@ -56,21 +59,22 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     from tuneforge.predictor import load
 
     predictor = load(run)
-    info, spec = predictor.info, predictor.data_spec
+    spec = predictor.data_spec
     split = read_split("input", str(inputs), spec, require_labels=False)
     problems = split.problems or check_split(split, spec, [], require_labels=False)
     if problems:
         raise DataError(problems)
     logits, _ = _logits(predictor, split, [0] * len(split))
-    predictions = predictor.task.predictions(logits)
+    task = predictor.task
+    predictions = task.predictions(logits)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".csv":
         with output.open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["row", "label", *(f"p_{name}" for name in info["label_names"])])
+            writer.writerow(["row", *task.csv_header()])
             for row, prediction in zip(split.rows, predictions):
-                writer.writerow([row, prediction["label"], *prediction["probabilities"].values()])
+                writer.writerow([row, *task.csv_row(prediction)])
     else:
         with output.open("w") as file:
             for row, prediction in zip(split.rows, predictions):

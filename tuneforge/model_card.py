@@ -13,7 +13,12 @@ from pathlib import Path
 
 import yaml
 
-SUMMARY_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss")
+SUMMARY_METRICS = {
+    "classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss"),
+    "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "auc_roc", "exact_match", "loss"),
+    "regression": ("rmse", "mae", "r2", "baseline_rmse", "baseline_r2", "loss"),
+}
+WHAT = {"classification": "classifier", "multilabel": "multi-label classifier", "regression": "regression model"}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -96,28 +101,48 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     base = model_spec.get("name") or model_spec.get("factory") or "unknown (no run records)"
     title = (recipe or {}).get("name", model_dir.name)
 
+    kind = info.get("task", "classification")
     lines = [f"# {title}", "",
-             f"A {info['modality']} classifier fine-tuned with tuneforge. Everything below comes from the run's own "
+             f"A {info['modality']} {WHAT[kind]} fine-tuned with tuneforge. Everything below comes from the run's own "
              f"records{f' in `{run_dir}`' if has_run else ''}; what they do not hold is marked unknown.", "",
              "## Model", "",
              f"- Base model: `{base}`" + (f" (weights file `{model_spec['weights']}`)" if model_spec.get("weights") else "")
              + ("; pretrained weights" if model_spec.get("pretrained", True) else "; random initialisation"),
              f"- Loading: {data.get('model_load', 'unknown')}",
-             f"- Head: a new classifier for {len(info['label_names'])} labels",
+             f"- Head: {_head(kind, info)}",
              f"- Parameters: {parameters['total']:,} in all, {parameters['trainable']:,} trained"
              if parameters else "- Parameters: unknown",
              f"- Export format: `{fmt}`" + (f"; largest difference from the PyTorch model's logits on check inputs: "
                                             f"{max_abs_diff:.2e}" if max_abs_diff is not None else ""),
              "- Input: " + (f"text, up to {info['max_length']} tokens (longer texts are truncated)"
                             if info["modality"] == "text" else "RGB images"),
-             "", "### Labels", ""]
-    lines += _table(["class index", "label value", "name"],
-                    [[i, value, name] for i, (value, name) in enumerate(zip(info["label_values"], info["label_names"]))])
+             ""]
+    if kind == "regression":
+        lines += ["### Targets", ""] + _table(
+            ["output", "column", "training mean", "training std"],
+            [[i, name, _number(mean), _number(std)] for i, (name, mean, std)
+             in enumerate(zip(info["label_names"], info["target_mean"], info["target_std"]))])
+        lines += ["", "The network learned the targets scaled to mean 0 and std 1 by the values above; tuneforge and "
+                  "every exported format give predictions in the data's own units."]
+    else:
+        lines += ["### Labels", ""] + _table(
+            ["output index" if kind == "multilabel" else "class index", "label value", "name"],
+            [[i, value, name] for i, (value, name) in enumerate(zip(info["label_values"], info["label_names"]))])
+        if kind == "multilabel":
+            lines += ["", f"A label is predicted when its sigmoid probability exceeds {info['threshold']}"
+                      + (" (chosen for the best micro F1 on the validation split)."
+                         if (recipe or {}).get("task", {}).get("threshold") == "tune" else ".")]
     lines += ["", "## Training data", ""]
     if data:
         lines += _table(["split", "source", "examples"],
                         [[name, f"`{split['source']}`", split["examples"]] for name, split in data["splits"].items()])
-        lines += ["", "Training examples per class: " + ", ".join(f"{k} {v}" for k, v in data["train_class_counts"].items())]
+        if data.get("train_class_counts"):
+            per = "label" if kind == "multilabel" else "class"
+            lines += ["", f"Training examples per {per}: "
+                      + ", ".join(f"{k} {v}" for k, v in data["train_class_counts"].items())]
+        for name, target in (data.get("train_targets") or {}).items():
+            lines += ["", f"Training target {name}: mean {target['mean']:.4g}, range {target['min']:.4g} to "
+                          f"{target['max']:.4g}"]
         lines += [f"Note: {note}" for note in data.get("notes", [])]
     else:
         lines.append("Unknown: the run's records hold no data summary.")
@@ -135,35 +160,67 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     lines += ["", "## Evaluation", ""]
     splits = result.get("splits", {})
     if splits:
-        shown = [m for m in SUMMARY_METRICS if any(m in s for s in splits.values())]
-        lines += _table(["split", "examples", *shown, "accuracy 95% interval"],
+        shown = [m for m in SUMMARY_METRICS[kind] if any(m in s for s in splits.values())]
+        interval = ["accuracy 95% interval"] if kind == "classification" else []
+        lines += _table(["split", "examples", *shown, *interval],
                         [[name, s.get("num_examples"), *(_number(s.get(m)) for m in shown),
-                          _interval(s.get("accuracy"), s.get("num_examples"))] for name, s in splits.items()])
+                          *([_interval(s.get("accuracy"), s.get("num_examples"))] if interval else [])]
+                         for name, s in splits.items()])
         for name, s in splits.items():
             if s.get("per_class"):
                 lines += ["", f"Per class on {name}:", ""]
                 lines += _table(["class", "precision", "recall", "F1", "examples"],
                                 [[label, _number(c["precision"]), _number(c["recall"]), _number(c["f1"]), c["support"]]
                                  for label, c in s["per_class"].items()])
+            if s.get("per_target") and len(s["per_target"]) > 1:
+                lines += ["", f"Per target on {name}:", ""]
+                lines += _table(["target", "RMSE", "MAE", "R²"], [[target, _number(t["rmse"]), _number(t["mae"]),
+                                                                   _number(t["r2"])] for target, t in s["per_target"].items()])
     else:
         lines.append("Unknown: the run recorded no evaluation.")
     sources = ", ".join(f"`{s['source']}`" for s in data.get("splits", {}).values()) or "unknown"
     smallest = min(data["train_class_counts"].values()) if data.get("train_class_counts") else None
+    purpose = {"classification": "Assigning one of the labels above to", "multilabel": "Assigning any of the labels "
+               "above (none, one or several) to", "regression": "Predicting the targets above for"}[kind]
     lines += ["", "## Intended use", "",
-              f"Assigning one of the labels above to {info['modality']} inputs like those of the training data "
+              f"{purpose} {info['modality']} inputs like those of the training data "
               f"({sources}). Inputs must be prepared the same way: "
               + (f"the saved tokenizer, columns {info['data'].get('text_column')}"
                  + (f" and {info['data']['text_pair_column']}" if info['data'].get('text_pair_column') else "")
                  if info["modality"] == "text" else "the saved image processor") + ".",
               "", "## Known limitations", "",
               "- Measured only on the splits above; accuracy on other sources, domains or languages is unknown.",
-              "- The intervals above reflect only the size of each evaluation split (binomial, 95 %), not a shift "
-              "between the data it was tested on and the data it will see.",
-              f"- The rarest class had {smallest} training examples; rare classes are usually predicted less reliably "
-              "(see the per-class table)." if smallest is not None else "- Class balance of the training data: unknown.",
-              "- It always answers with one of its labels, also for inputs that belong to none of them.",
-              ""]
+              *_limitations(kind, smallest, data), ""]
     return "\n".join(lines)
+
+
+def _head(kind: str, info: dict) -> str:
+    count = len(info["label_names"])
+    if kind == "regression":
+        return f"a new regression head with {count} output(s), one per target"
+    if kind == "multilabel":
+        return f"a new head with one sigmoid output per label ({count} labels)"
+    return f"a new classifier for {count} labels"
+
+
+def _limitations(kind: str, smallest: int | None, data: dict) -> list[str]:
+    if kind == "regression":
+        ranges = data.get("train_targets") or {}
+        return ["- Targets in training ranged as listed under Training data; predictions outside that range are "
+                "extrapolation and less reliable." if ranges else "- The training targets' range is unknown.",
+                "- R² compares with always predicting the evaluation split's own mean; baseline_rmse and "
+                "baseline_r2 are those of always predicting the training split's mean."]
+    lines = [f"- The rarest {'label' if kind == 'multilabel' else 'class'} had {smallest} training examples; rare "
+             "labels are usually predicted less reliably (see the per-class table)." if smallest is not None
+             else "- Class balance of the training data: unknown."]
+    if kind == "classification":
+        lines += ["- The intervals above reflect only the size of each evaluation split (binomial, 95 %), not a shift "
+                  "between the data it was tested on and the data it will see.",
+                  "- It always answers with one of its labels, also for inputs that belong to none of them."]
+    else:
+        lines.append("- The threshold trades precision for recall for every label at once; a label-specific use may "
+                     "want its own.")
+    return lines
 
 
 def write_model_card(run: str | Path, model_dir: Path, output: Path, fmt: str, max_abs_diff: float | None) -> Path:

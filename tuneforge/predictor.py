@@ -21,7 +21,7 @@ from tuneforge.errors import DataError
 from tuneforge.inference import model_folder
 from tuneforge.models import load_model_folder
 from tuneforge.recipe import DataSpec
-from tuneforge.tasks.classification import ClassificationTask
+from tuneforge.tasks import task_from_info
 
 
 class Predictor:
@@ -30,7 +30,7 @@ class Predictor:
         self.info = json.loads((self.folder / "tuneforge.json").read_text())
         self.loaded, self.labels = load_model_folder(self.folder)
         self.loaded.model.eval()
-        self.task = ClassificationTask(self.info["label_names"])
+        self.task = task_from_info(self.info)
         self.modality = self.loaded.modality
         self.pairs = bool(self.info["data"].get("text_pair_column"))
         self.data_spec = DataSpec(**self.info["data"])  # the columns and format the model was trained on
@@ -42,7 +42,8 @@ class Predictor:
                 "text_pairs": self.pairs, "adapter": self.loaded.base is not None}
 
     def predict(self, inputs):
-        """Label and class probabilities for one input (a dict back) or a list of inputs (a list back)."""
+        """The task's prediction (classification: label and class probabilities; multilabel: labels and
+        probabilities; regression: the target values) for one input (a dict back) or a list of inputs (a list back)."""
         single = not isinstance(inputs, (list, tuple)) or (self.pairs and _is_pair(inputs))
         items = [inputs] if single else list(inputs)
         if not items:

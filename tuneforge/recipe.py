@@ -69,7 +69,8 @@ class ImageSpec(Section):
 
 
 class DataSpec(Section):
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text"] = Field(
+        "auto", description="label-text: plain text, one example a line, the label, a space, then the text")
     train: str | None = None
     validation: str | None = None
     test: str | None = None
@@ -79,7 +80,12 @@ class DataSpec(Section):
     max_validation_examples: int | None = Field(None, gt=0, description="seeded sample of the validation split")
     text_column: str = "text"
     text_pair_column: str | None = None
-    label_column: str = "label"
+    label_column: str | list[str] = Field(
+        "label", description="the column with the label; regression: the column(s) with the target value(s)")
+    label_separator: str = Field(",", min_length=1,
+                                 description="multilabel: separates the labels inside one text cell (JSON lists need none)")
+    image_column: str | None = Field(None, description="a table whose column holds image paths (relative to the "
+                                                       "table's folder) instead of a class-per-folder tree")
     columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
     image: ImageSpec = ImageSpec()
     skip_unreadable_images: bool = False
@@ -97,7 +103,14 @@ class DataSpec(Section):
 
 
 class TaskSpec(Section):
-    type: Literal["classification"] = "classification"
+    type: Literal["classification", "regression", "multilabel"] = Field(
+        "classification", description="classification: one label per example; multilabel: a list of labels per example "
+                                      "(sigmoid outputs); regression: one or more continuous targets")
+    normalize_targets: bool = Field(True, description="regression: train on targets scaled to mean 0, std 1 (by the "
+                                                      "training split); predictions come back in the data's units")
+    threshold: float | Literal["tune"] = Field(
+        "tune", description="multilabel: probability above which a label is predicted; tune: the one that maximises "
+                            "micro F1 on the validation split (0.5 without one)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
@@ -113,8 +126,21 @@ class TaskSpec(Section):
                     for v in value]
         return value
 
+    @field_validator("threshold")
+    @classmethod
+    def _probability(cls, value):
+        if value != "tune" and not 0.0 < value < 1.0:
+            raise ValueError("threshold must be between 0 and 1 (exclusive), or tune")
+        return value
+
     @model_validator(mode="after")
     def _names(self) -> TaskSpec:
+        if self.type != "classification":
+            used = [key for key in ("label_smoothing", "class_weights") if getattr(self, key)]
+            if used:
+                raise ValueError(f"{', '.join(used)} applies to task.type classification, not {self.type}")
+        if self.type == "regression" and self.labels is not None:
+            raise ValueError("task.labels names classes; a regression's targets are data.label_column")
         for key, values in (("labels", self.labels), ("label_names", self.label_names)):
             if values is not None and len(set(values)) != len(values):
                 repeated = sorted({v for v in values if values.count(v) > 1})
@@ -192,11 +218,22 @@ class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="default: evaluate at every epoch end")
     early_stopping: EarlyStoppingSpec | None = None
     metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
-                    "recall_macro", "recall_weighted", "auc_roc"] = Field(
-        "accuracy", description="validation metric that picks the best model (and drives early stopping)")
-    mode: Literal["max", "min"] = "max"
+                    "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
+                    "precision_micro", "recall_micro", "exact_match"] | None = Field(
+        None, description="validation metric that picks the best model (and drives early stopping); default: "
+                          "accuracy (classification), rmse (regression), f1_micro (multilabel)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse and mae, else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
+
+
+TASK_METRICS = {
+    "classification": ("accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
+                       "recall_macro", "recall_weighted", "auc_roc"),
+    "regression": ("rmse", "mse", "mae", "r2", "loss"),
+    "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "precision_macro", "recall_macro",
+                   "auc_roc", "exact_match", "loss"),
+}
 
 
 class OutputSpec(Section):
@@ -227,6 +264,26 @@ class Recipe(Section):
     eval: EvalSpec = EvalSpec()
     adapter: AdapterSpec = AdapterSpec()
     output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> Recipe:
+        # Resolved here, once, so every reader of the recipe (and the saved recipe.yaml) sees the same choice.
+        kind = self.task.type
+        metric = self.eval.metric or {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro"}[kind]
+        allowed = TASK_METRICS[kind]
+        if metric not in allowed:
+            raise ValueError(f"eval.metric {metric} is not computed for task.type {kind}; choose one of {', '.join(allowed)}")
+        self.eval.metric = metric
+        self.eval.mode = self.eval.mode or ("min" if metric in ("loss", "mse", "rmse", "mae") else "max")
+        if isinstance(self.data.label_column, list) and kind != "regression":
+            raise ValueError("data.label_column is a list, which only task.type regression reads (one column a target)")
+        if kind != "classification" and self.data.sampler == "balanced":
+            raise ValueError(f"data.sampler balanced draws classes equally often; task.type {kind} has no single class "
+                             "per example")
+        mixing = [key for key in ("mixup", "cutmix") if getattr(self.data.augment, key, 0)]
+        if kind != "classification" and mixing:
+            raise ValueError(f"data.augment.{mixing[0]} blends labels of classes; task.type {kind} cannot use it")
+        return self
 
     @model_validator(mode="after")
     def _adapter_on_pretrained(self) -> Recipe:

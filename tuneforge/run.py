@@ -29,8 +29,8 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from tuneforge.adapters import adapter_scope, apply_adapter, merged_copy
-from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, SUMMARY_KEYS, Run, RunHooks,
-                                 repair_run_dir, save_run_model, storage_errors, write_json_atomic)
+from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, Run, RunHooks,
+                                 repair_run_dir, save_run_model, storage_errors, update_model_info, write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
@@ -45,7 +45,7 @@ from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_mo
 from tuneforge.optim import L2SP, build_optimizer
 from tuneforge.recipe import Recipe, load_recipe
 from tuneforge.schedules import PlateauState
-from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
+from tuneforge.tasks import Task, make_task
 
 
 @dataclass
@@ -123,6 +123,10 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image)
     apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
+    config = getattr(loaded.model, "config", None)
+    if config is not None and hasattr(config, "problem_type"):  # so transformers' own loss matches, after export
+        config.problem_type = {"classification": "single_label_classification", "regression": "regression",
+                               "multilabel": "multi_label_classification"}[data.kind]
     if loaded.modality != data.modality:
         raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
                           f"data.train is {data.modality} data; choose a model for {data.modality} input or other data"])
@@ -151,7 +155,7 @@ class Assembly:
 
     data: TaskData
     loaded: LoadedModel
-    task: ClassificationTask
+    task: Task
     sampler: EpochBatchSampler
     train_loader: object
     eval_loaders: dict
@@ -179,7 +183,7 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         raise ResumeError([f"the label set changed since {run_dir} was trained ({saved_labels} -> {data.labels}); "
                            "a resumed run cannot change its classes: start a new run"])
     task = make_task(recipe, data)
-    datasets = {name: make_dataset(split, data.label_ids(name), loaded.preprocessor, recipe.model.max_length)
+    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length)
                 for name, split in data.splits.items()}
     for split in data.splits.values():  # tokenised into memory-mapped arrays: the raw texts need not stay in memory
         split.texts = split.text_pairs = None
@@ -287,10 +291,9 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
         console.print(f"parameters: {trained:,} of {total:,} train ({trained / total:.2%}){adapter}")
         run.record({"type": "parameters", "trainable": trained, "total": total, "adapter": recipe.adapter.method})
         # What the model card says about the data and the base model comes from this record.
-        counts = torch.bincount(torch.tensor(data.label_ids("train")), minlength=len(data.labels)).tolist()
         run.record({"type": "data", "modality": data.modality, "notes": data.notes,
                     "splits": {name: {"source": split.source, "examples": len(split)} for name, split in data.splits.items()},
-                    "train_class_counts": dict(zip(data.label_names, counts)), "model_load": loaded.report.summary()})
+                    **_train_target_summary(data), "model_load": loaded.report.summary()})
     if main and total_steps:
         console.print(f"training: {total_steps} steps ({spec.epochs} epochs x {updates_per_epoch}), "
                       f"batch {spec.batch_size}, {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -311,13 +314,29 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
         hooks.save_best()
     else:  # evaluate the selected model, not the last one
         restore_saved_weights(accelerator.unwrap_model(model), run_dir / MODEL_DIR)
+    if recipe.task.type == "multilabel" and recipe.task.threshold == "tune" and "validation" in eval_loaders:
+        threshold = task.tune(*predict_logits(model, eval_loaders["validation"], accelerator))
+        if main:
+            update_model_info(run_dir / MODEL_DIR, task.info)
+            console.print(f"threshold: {threshold} (best micro F1 on validation)")
+        run.record({"type": "threshold", "value": threshold})
     metrics = _final_metrics(run, model, task, eval_loaders, state, train_seconds)
     if recipe.adapter.save_merged and main:
         with storage_errors(run_dir / MERGED_DIR):
             merged = dataclasses.replace(loaded, model=merged_copy(accelerator.unwrap_model(model)), base=None)
-            save_run_model(merged, run_dir / MERGED_DIR, data, recipe)
+            save_run_model(merged, run_dir / MERGED_DIR, data, recipe, task)
         console.print(f"merged model (adapter folded into the weights): {run_dir / MERGED_DIR}")
     return RunResult(run_dir, metrics)
+
+
+def _train_target_summary(data: TaskData) -> dict:
+    """For the model card: examples per class (per label for multilabel), or each target's mean and range."""
+    targets = torch.tensor(data.targets("train"))
+    if data.kind == "regression":
+        return {"train_targets": {name: {"mean": float(column.mean()), "min": float(column.min()), "max": float(column.max())}
+                                  for name, column in zip(data.label_names, targets.T)}}
+    counts = targets.sum(0) if data.kind == "multilabel" else torch.bincount(targets, minlength=len(data.labels))
+    return {"train_class_counts": dict(zip(data.label_names, [int(c) for c in counts]))}
 
 
 def _plateau(recipe: Recipe, data: TaskData) -> PlateauState | None:
@@ -327,18 +346,6 @@ def _plateau(recipe: Recipe, data: TaskData) -> PlateauState | None:
         raise RecipeError(["optim.schedule plateau lowers the LR when eval.metric stops improving on validation; "
                            "give data.validation or data.validation_fraction"])
     return PlateauState(recipe.optim.schedule, recipe.eval.mode)
-
-
-def make_task(recipe: Recipe, data: TaskData) -> ClassificationTask:
-    weights = recipe.task.class_weights
-    if weights == "balanced":
-        weights = balanced_class_weights(data.label_ids("train"), len(data.labels))
-    elif weights is not None:
-        if len(weights) != len(data.labels):
-            raise RecipeError([f"task.class_weights has {len(weights)} weights for {len(data.labels)} labels "
-                               f"{data.label_names}; give one per label, in that order"])
-        weights = torch.tensor(weights, dtype=torch.float)
-    return ClassificationTask(data.label_names, recipe.task.label_smoothing, weights)
 
 
 def make_augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
@@ -390,7 +397,7 @@ def make_loaders(recipe: Recipe, data: TaskData, datasets: dict):
     """The train loader's batch order comes from a resumable sampler; evaluation goes in order."""
     spec, workers = recipe.train, recipe.data.num_workers
     lengths = datasets["train"].lengths() if recipe.data.group_by_length and data.modality == "text" else None
-    weights = balanced_weights(data.label_ids("train")) if recipe.data.sampler == "balanced" else None
+    weights = balanced_weights(data.targets("train")) if recipe.data.sampler == "balanced" else None
     sampler = EpochBatchSampler(len(datasets["train"]), spec.batch_size, spec.seed, lengths=lengths, weights=weights)
     train_loader = make_loader(datasets["train"], spec.batch_size, workers, sampler)
     eval_batch = recipe.eval.batch_size or 2 * spec.batch_size
@@ -450,7 +457,7 @@ def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState,
         with storage_errors(run.run_dir / "eval.json"):
             write_json_atomic(run.run_dir / "eval.json", result)
         for name, values in splits.items():
-            summary = ", ".join(f"{k} {values[k]:.4f}" for k in SUMMARY_KEYS if values.get(k) is not None)
+            summary = ", ".join(f"{k} {values[k]:.4f}" for k in task.summary_keys if values.get(k) is not None)
             run.console.print(f"final {name}: {summary}")
         run.console.print(f"run directory: {run.run_dir}")
     return result

@@ -146,7 +146,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
         await batcher.stop()
 
     app = FastAPI(title="tuneforge model server", lifespan=lifespan,
-                  description=f"{predictor.modality} classification into {', '.join(predictor.info['label_names'])}")
+                  description=f"{predictor.modality} {predictor.task.name}: {', '.join(predictor.info['label_names'])}")
 
     def error(code: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=code)

@@ -23,7 +23,7 @@ class TextDataset(Dataset):
 
     CHUNK = 10_000  # texts per tokenizer call: bounds the memory of the tokenizer's own Python lists
 
-    def __init__(self, split: Split, label_ids: list[int], tokenizer, max_length: int, memory_map: bool = True):
+    def __init__(self, split: Split, targets: list, tokenizer, max_length: int, memory_map: bool = True):
         files: dict = {}  # memory_map False (a few inputs to predict): in-memory buffers instead of files
         lengths: list[int] = []
         for start in range(0, len(split), self.CHUNK):
@@ -37,11 +37,11 @@ class TextDataset(Dataset):
             lengths += [len(ids) for ids in encoded["input_ids"]]
         self.tokens = {key: _map_int32(file) for key, file in files.items()}
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # example i: offsets[i]:offsets[i+1]
-        self.label_ids = label_ids
+        self.targets = targets
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
-        return len(self.label_ids)
+        return len(self.targets)
 
     def lengths(self) -> list[int]:
         return np.diff(self.offsets).tolist()
@@ -49,7 +49,7 @@ class TextDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         start, end = self.offsets[index], self.offsets[index + 1]
         features = {key: values[start:end] for key, values in self.tokens.items()}
-        return {"features": features, "label": self.label_ids[index], "index": index}
+        return {"features": features, "label": self.targets[index], "index": index}
 
     def collate(self, items: list[dict]) -> dict:
         """Pad to the longest example of the batch, on the tokenizer's padding side, with its pad values."""
@@ -97,17 +97,17 @@ def load_rgb(path) -> Image.Image:
 class ImageDataset(Dataset):
     """Images are decoded when a batch asks for them (once per epoch at most)."""
 
-    def __init__(self, split: Split, label_ids: list[int], image_processor):
+    def __init__(self, split: Split, targets: list, image_processor):
         self.paths = split.image_paths
-        self.label_ids = label_ids
+        self.targets = targets
         self.image_processor = image_processor
 
     def __len__(self) -> int:
-        return len(self.label_ids)
+        return len(self.targets)
 
     def __getitem__(self, index: int) -> dict:
         pixels = self.image_processor(load_rgb(self.paths[index]), return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "label": self.label_ids[index], "index": index}
+        return {"pixel_values": pixels, "label": self.targets[index], "index": index}
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
@@ -174,16 +174,16 @@ class EpochBatchSampler:
         return self.batches_per_epoch - self.skip
 
 
-def balanced_weights(label_ids: list[int]) -> list[float]:
+def balanced_weights(targets: list[int]) -> list[float]:
     """Per-example sampling weight 1 / (count of its class): every class is drawn equally often."""
-    counts = torch.bincount(torch.tensor(label_ids)).tolist()
-    return [1.0 / counts[label] for label in label_ids]
+    counts = torch.bincount(torch.tensor(targets)).tolist()
+    return [1.0 / counts[label] for label in targets]
 
 
-def make_dataset(split: Split, label_ids: list[int], preprocessor, max_length: int) -> Dataset:
+def make_dataset(split: Split, targets: list, preprocessor, max_length: int) -> Dataset:
     if split.image_paths is not None:
-        return ImageDataset(split, label_ids, preprocessor)
-    return TextDataset(split, label_ids, preprocessor, max_length)
+        return ImageDataset(split, targets, preprocessor)
+    return TextDataset(split, targets, preprocessor, max_length)
 
 
 def loader_workers(setting: int | str, dataset: Dataset) -> int:

@@ -23,14 +23,41 @@ SHOWN = 5  # how many offending rows a message lists before summarising
 @dataclass
 class TaskData:
     splits: dict[str, Split]
-    labels: list[str]  # class index -> label value (as text)
-    label_names: list[str]  # class index -> display name
+    labels: list[str]  # output index -> label value (as text); regression: the target columns
+    label_names: list[str]  # output index -> display name
     modality: str  # "text" or "image"
     notes: list[str] = field(default_factory=list)  # non-fatal findings (e.g. skipped images)
+    kind: str = "classification"  # task.type
+    separator: str = ","  # multilabel: between the labels of one text cell
 
-    def label_ids(self, split: str) -> list[int]:
-        index = {label: i for i, label in enumerate(self.labels)}
-        return [index[label_key(value)] for value in self.splits[split].labels]
+    def targets(self, split: str) -> list:
+        return encode_targets(self.kind, self.splits[split].labels, self.labels, self.separator)
+
+
+def encode_targets(kind: str, values: list, labels: list[str], separator: str) -> list:
+    """What the loss compares the model's output with, per example: a class index (classification),
+    a multi-hot list (multilabel), or the target values as floats (regression)."""
+    if kind == "regression":
+        return [[float(v) for v in (value if isinstance(value, tuple) else (value,))] for value in values]
+    index = {label: i for i, label in enumerate(labels)}
+    if kind == "multilabel":
+        encoded = []
+        for value in values:
+            hot = [0.0] * len(labels)
+            for label in label_list(value, separator):
+                hot[index[label]] = 1.0
+            encoded.append(hot)
+        return encoded
+    return [index[label_key(value)] for value in values]
+
+
+def label_list(value, separator: str) -> list[str]:
+    """A multilabel cell as its labels: a JSON list as it is, text split at the separator; empty: none."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [label_key(v) for v in value]
+    if _missing(value):
+        return []
+    return [part.strip() for part in str(value).split(separator) if part.strip()]
 
 
 def label_key(value) -> str:
@@ -69,6 +96,9 @@ def _readable(path: Path) -> str | None:
 
 
 def _check_images(split: Split, skip_unreadable: bool, notes: list[str]) -> list[str]:
+    absent = [row for row, path in zip(split.rows, split.image_paths) if path is None]
+    if absent:  # a table of image paths with empty cells
+        return [f"{split.name}: {len(absent)} empty image path(s) at {_listing(absent)}; fill or remove those rows"]
     with ThreadPoolExecutor(max_workers=4) as pool:
         verdicts = list(pool.map(_readable, split.image_paths))
     bad = [(str(path), why) for path, why in zip(split.image_paths, verdicts) if why]
@@ -86,8 +116,10 @@ def _check_images(split: Split, skip_unreadable: bool, notes: list[str]) -> list
             "remove them or set data.skip_unreadable_images: true"]
 
 
-def check_split(split: Split, data_spec, notes: list[str], require_labels: bool = True) -> list[str]:
-    """Problems with one split's examples: empty texts, unreadable images, missing labels, no rows."""
+def check_split(split: Split, data_spec, notes: list[str], require_labels: bool = True,
+                kind: str = "classification") -> list[str]:
+    """Problems with one split's examples: empty texts, unreadable images, missing labels, no rows.
+    (Regression and multilabel targets are checked by check_targets.)"""
     problems = []
     if split.image_paths is None:
         problems += _check_texts(split, data_spec.text_column, split.texts)
@@ -95,7 +127,7 @@ def check_split(split: Split, data_spec, notes: list[str], require_labels: bool 
             problems += _check_texts(split, data_spec.text_pair_column, split.text_pairs)
     else:
         problems += _check_images(split, data_spec.skip_unreadable_images, notes)
-    if require_labels:
+    if require_labels and kind == "classification":
         missing = [row for row, value in zip(split.rows, split.labels) if _missing(value) or label_key(value) == ""]
         if missing:
             problems.append(f"{split.name}: {len(missing)} missing label(s) in column '{data_spec.label_column}' "
@@ -112,6 +144,34 @@ def unknown_labels(split: Split, labels: list[str], fix: str) -> list[str]:
     values = sorted({value for _, value in unseen})
     return [f"{split.name}: label(s) {values} are not known to the model (known: {labels}) at "
             f"{_listing([row for row, _ in unseen])}; {fix}"]
+
+
+def check_targets(split: Split, kind: str, labels: list[str] | None, separator: str, column) -> list[str]:
+    """Regression: every target a finite number. Multilabel: every label known (when `labels` is given).
+    Classification: a list where one label belongs means the task is multilabel."""
+    if kind == "regression":
+        def number(value) -> bool:
+            try:
+                return math.isfinite(float(value))
+            except (TypeError, ValueError):
+                return False
+        bad = [row for row, value in zip(split.rows, split.labels)
+               if not all(number(v) for v in (value if isinstance(value, tuple) else (value,)))]
+        return [f"{split.name}: {len(bad)} target value(s) in column(s) {column} are missing or not numbers at "
+                f"{_listing(bad)}; fix or remove those rows"] if bad else []
+    if kind == "multilabel":
+        if labels is None:
+            return []
+        unseen = [(row, label) for row, value in zip(split.rows, split.labels)
+                  for label in label_list(value, separator) if label not in labels]
+        if not unseen:
+            return []
+        return [f"{split.name}: label(s) {sorted({label for _, label in unseen})} are not known (known: {labels}) at "
+                f"{_listing(list(dict.fromkeys(row for row, _ in unseen)))}; fix them or list them in task.labels"]
+    if any(isinstance(value, (list, tuple, np.ndarray)) for value in split.labels):
+        return [f"{split.name}: column '{column}' holds lists of labels; for several labels per example set "
+                "task.type: multilabel"]
+    return []
 
 
 def _sample(split: Split, count: int | None, seed: int) -> Split:
@@ -148,8 +208,17 @@ def load_task_data(data_spec, task_spec) -> TaskData:
         splits["validation"] = _sample(splits["validation"], data_spec.max_validation_examples, data_spec.split_seed)
 
     modality = "image" if splits["train"].image_paths is not None else "text"
+    kind = task_spec.type
     for split in splits.values():
-        problems += check_split(split, data_spec, notes)
+        problems += check_split(split, data_spec, notes, kind=kind)
+        problems += check_targets(split, kind, None, data_spec.label_separator, data_spec.label_column)
+    if kind == "regression":
+        if problems:
+            raise DataError(problems)
+        columns = data_spec.label_column if isinstance(data_spec.label_column, list) else [data_spec.label_column]
+        return TaskData(splits, columns, columns, modality, notes, kind)
+    if kind == "multilabel":
+        return _multilabel_data(splits, task_spec, data_spec, modality, notes, problems)
 
     train_labels = sorted({label_key(v) for v in splits["train"].labels if not _missing(v)}, key=_natural)
     labels = list(task_spec.labels) if task_spec.labels else train_labels
@@ -166,6 +235,20 @@ def load_task_data(data_spec, task_spec) -> TaskData:
         raise DataError(problems)
     names = list(task_spec.label_names) if task_spec.label_names else labels
     return TaskData(splits, labels, names, modality, notes)
+
+
+def _multilabel_data(splits: dict, task_spec, data_spec, modality: str, notes: list[str], problems: list[str]) -> TaskData:
+    separator = data_spec.label_separator
+    seen = sorted({label for value in splits["train"].labels for label in label_list(value, separator)}, key=_natural)
+    labels = list(task_spec.labels) if task_spec.labels else seen
+    for split in splits.values():
+        problems += check_targets(split, "multilabel", labels, separator, data_spec.label_column)
+    if len(labels) < 1:
+        problems.append(f"train: no labels found in column '{data_spec.label_column}'; multilabel needs at least one")
+    if problems:
+        raise DataError(problems)
+    names = list(task_spec.label_names) if task_spec.label_names else labels
+    return TaskData(splits, labels, names, modality, notes, "multilabel", separator)
 
 
 def _natural(label: str):

@@ -69,12 +69,21 @@ def read_table(path: Path, fmt: str, columns: list[str] | None) -> pd.DataFrame:
         return pd.read_json(path, lines=True, dtype=False)
     if fmt == "parquet":
         return pd.read_parquet(path)
+    if fmt == "label-text":  # "LABEL TEXT" per line; names from `columns` ([label, text] by default)
+        label, text = columns or ["label", "text"]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        parts = [line.split(maxsplit=1) if line.strip() else [None, None] for line in lines]
+        return pd.DataFrame({label: [p[0] for p in parts], text: [p[1] if len(p) > 1 else None for p in parts]})
     raise ValueError(f"not a table format: {fmt}")
 
 
 def _first_line_number(fmt: str, has_header: bool) -> int:
     # Row numbers in messages are the file's own line numbers (1-based), header included.
     return 2 if fmt in ("csv", "tsv") and has_header else 1
+
+
+def label_columns(spec) -> list[str]:
+    return spec.label_column if isinstance(spec.label_column, list) else [spec.label_column]
 
 
 def read_text_split(name: str, path: Path, spec, require_labels: bool = True) -> Split:
@@ -103,8 +112,9 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
         empty.problems.append(f"{name}: cannot read {path} as {fmt}: " + (where or str(error).splitlines()[0]))
         return empty
 
-    has_labels = spec.label_column in frame.columns
-    wanted = [spec.text_column] + ([spec.label_column] if require_labels else []) + \
+    targets = label_columns(spec)
+    has_labels = all(column in frame.columns for column in targets)
+    wanted = [spec.image_column or spec.text_column] + (targets if require_labels else []) + \
         ([spec.text_pair_column] if spec.text_pair_column else [])
     missing = [column for column in wanted if column not in frame.columns]
     if missing:
@@ -116,9 +126,21 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
     first = _first_line_number(fmt, spec.columns is None)
     rows = [f"{path}:{first + i}" for i in range(len(frame))]
     pairs = frame[spec.text_pair_column].tolist() if spec.text_pair_column else None
-    labels = frame[spec.label_column].tolist() if has_labels else [None] * len(frame)
+    if not has_labels:
+        labels = [None] * len(frame)
+    elif isinstance(spec.label_column, list):  # several regression targets: a tuple per example
+        labels = list(zip(*(frame[column].tolist() for column in targets)))
+    else:
+        labels = frame[spec.label_column].tolist()
+    if spec.image_column:  # a table of image paths, relative to the table's folder
+        images = [None if _absent(value) else path.parent / str(value) for value in frame[spec.image_column]]
+        return Split(name, str(path), labels, rows, image_paths=images)
     return Split(name, str(path), labels, rows,
                  texts=frame[spec.text_column].tolist(), text_pairs=pairs)
+
+
+def _absent(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or not str(value).strip()
 
 
 def _bad_json_line(path: Path) -> str | None:

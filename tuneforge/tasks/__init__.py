@@ -1,0 +1,46 @@
+"""Tasks: what a batch's loss is, what a prediction looks like and which metrics judge it.
+
+Every task has the same small interface, used by the one training loop, evaluation,
+prediction, serving and export: loss(outputs, targets), predictions(outputs),
+metrics(outputs, targets), summary_keys, info (what must be saved with the model to
+predict again), csv_header() and csv_row(prediction).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.errors import RecipeError
+from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
+from tuneforge.tasks.multilabel import MultiLabelTask
+from tuneforge.tasks.regression import RegressionTask
+
+Task = ClassificationTask | RegressionTask | MultiLabelTask
+
+
+def make_task(recipe, data) -> Task:
+    """The recipe's task for this data (regression's scaling is fitted on the training split)."""
+    spec = recipe.task
+    if spec.type == "regression":
+        return RegressionTask.fit(data.label_names, data.targets("train"), spec.normalize_targets)
+    if spec.type == "multilabel":
+        return MultiLabelTask(data.label_names, 0.5 if spec.threshold == "tune" else spec.threshold)
+    weights = spec.class_weights
+    if weights == "balanced":
+        weights = balanced_class_weights(data.targets("train"), len(data.labels))
+    elif weights is not None:
+        if len(weights) != len(data.labels):
+            raise RecipeError([f"task.class_weights has {len(weights)} weights for {len(data.labels)} labels "
+                               f"{data.label_names}; give one per label, in that order"])
+        weights = torch.tensor(weights, dtype=torch.float)
+    return ClassificationTask(data.label_names, spec.label_smoothing, weights)
+
+
+def task_from_info(info: dict) -> Task:
+    """The task a saved model folder was trained for, from its tuneforge.json."""
+    kind, names = info.get("task", "classification"), info["label_names"]
+    if kind == "regression":
+        return RegressionTask(names, info["target_mean"], info["target_std"], info["target_train_mean"])
+    if kind == "multilabel":
+        return MultiLabelTask(names, info["threshold"])
+    return ClassificationTask(names)

@@ -17,6 +17,8 @@ def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tens
 
 class ClassificationTask:
     name = "classification"
+    summary_keys = ("accuracy", "f1_macro", "auc_roc", "loss")
+    info: dict = {}  # nothing beyond the labels to save with the model
 
     def __init__(self, label_names: list[str], label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
         self.label_names = label_names
@@ -82,3 +84,9 @@ class ClassificationTask:
             return None
         value = float(tmf.multiclass_auroc(probabilities, labels, self.num_classes, average="macro"))
         return None if math.isnan(value) else value
+
+    def csv_header(self) -> list[str]:
+        return ["label", *(f"p_{name}" for name in self.label_names)]
+
+    def csv_row(self, prediction: dict) -> list:
+        return [prediction["label"], *prediction["probabilities"].values()]
