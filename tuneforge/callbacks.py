@@ -18,7 +18,6 @@ from tuneforge.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, stora
 from tuneforge.data.preflight import TaskData
 from tuneforge.errors import TrainingError
 from tuneforge.freeze import FreezePlan
-from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, save_model_folder
 from tuneforge.recipe import Recipe
 from tuneforge.schedules import PlateauState, refresh_lr
@@ -190,8 +189,7 @@ class RunHooks:
     def evaluate(self, state: TrainState) -> None:
         if "validation" not in self.eval_loaders:
             return
-        logits, labels = predict_logits(self.model, self.eval_loaders["validation"], self.run.accelerator)
-        metrics = self.task.metrics(logits, labels)
+        metrics = self.task.evaluate(self.model, self.eval_loaders["validation"], self.run.accelerator)
         self.run.record({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
         monitored = metrics[self.spec.eval.metric]
         if monitored is None:  # e.g. AUC on a validation split that lacks a class

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 from accelerate import Accelerator
 
 from tuneforge.data.loaders import make_dataset, make_loader
@@ -24,12 +25,17 @@ def model_folder(run: str | Path) -> Path:
     return folder
 
 
-def _logits(predictor, split, targets: list):
-    """A whole file through the evaluation loader (batches, shortest first), not input by input."""
-    dataset = make_dataset(split, targets, predictor.loaded.preprocessor, predictor.info["max_length"])
+def _prepared(predictor, split, targets: list):
+    """The model and a whole file's evaluation loader (batches, shortest first), not input by input."""
+    dataset = make_dataset(split, targets, predictor.loaded.preprocessor, predictor.info["max_length"],
+                           predictor.task.name)
     accelerator = Accelerator()
     model, loader = accelerator.prepare(predictor.loaded.model, make_loader(dataset, 64, "auto"))
-    return predict_logits(model, loader, accelerator)
+    return model, loader, accelerator
+
+
+def _logits(predictor, split, targets: list):
+    return predict_logits(*_prepared(predictor, split, targets))
 
 
 def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
@@ -42,20 +48,35 @@ def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = 
     problems = split.problems or check_split(split, spec, [], kind=kind)
     if kind == "classification":
         problems += unknown_labels(split, info["label_values"], "the model cannot predict labels it was not trained on")
-    elif not split.problems:
-        problems += check_targets(split, kind, info["label_values"], spec.label_separator, spec.label_column)
+    elif not problems:
+        problems += (_segmentation_problems(split, predictor) if kind == "segmentation" else
+                     check_targets(split, kind, info["label_values"], spec.label_separator, spec.label_column))
     if problems:
         raise DataError(problems)
     targets = encode_targets(kind, split.labels, info["label_values"], spec.label_separator)
-    logits, labels = _logits(predictor, split, targets)
-    metrics = predictor.task.metrics(logits, labels)
+    metrics = predictor.task.evaluate(*_prepared(predictor, split, targets))
     if output:
         Path(output).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
+def _segmentation_problems(split, predictor) -> list[str]:
+    """The masks checked against the model's label map, as training checked them."""
+    from tuneforge.data.preflight import segmentation_data
+    from tuneforge.recipe import TaskSpec
+
+    info = predictor.info
+    spec = TaskSpec(type="segmentation", labels=info["label_values"], ignore_index=info["ignore_index"])
+    try:
+        segmentation_data({"evaluation": split}, spec, predictor.data_spec, [], [])
+    except DataError as error:
+        return error.problems
+    return []
+
+
 def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
-    """Write label and probabilities per input row (or image) to a .jsonl or .csv file."""
+    """Write the task's prediction per input row (or image) to a .jsonl or .csv file. Segmentation also
+    writes each predicted mask, at its image's size, as OUTPUT-masks/<image name>.png (class index per pixel)."""
     from tuneforge.predictor import load
 
     predictor = load(run)
@@ -64,11 +85,12 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     problems = split.problems or check_split(split, spec, [], require_labels=False)
     if problems:
         raise DataError(problems)
-    logits, _ = _logits(predictor, split, [0] * len(split))
-    task = predictor.task
-    predictions = task.predictions(logits)
-    output = Path(output)
+    task, output = predictor.task, Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if task.name == "segmentation":
+        predictions = _write_masks(predictor, split, output.parent / f"{output.stem}-masks")
+    else:
+        predictions = task.predictions(_logits(predictor, split, [0] * len(split))[0])
     if output.suffix.lower() == ".csv":
         with output.open("w", newline="") as file:
             writer = csv.writer(file)
@@ -80,6 +102,30 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
             for row, prediction in zip(split.rows, predictions):
                 file.write(json.dumps({"row": row, **prediction}) + "\n")
     return len(predictions)
+
+
+def _write_masks(predictor, split, folder: Path) -> list[dict]:
+    """Batch by batch (no split-sized tensor): each mask upsampled to its image's size and saved as a PNG."""
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model, loader, accelerator = _prepared(predictor, split, [None] * len(split))
+    model.eval()
+    predictions = {}
+    with torch.inference_mode():
+        for batch in loader:
+            logits = model(**batch["inputs"]).logits
+            for row_logits, index in zip(logits, batch["index"].tolist()):
+                path = split.image_paths[index]
+                with Image.open(path) as image:
+                    size = (image.height, image.width)
+                result = predictor.task.predictions(row_logits[None], size=size)[0]
+                mask = np.asarray(result.pop("mask"), dtype=np.uint8 if len(predictor.task.label_names) < 256 else np.int32)
+                target = folder / f"{Path(path).stem}.png"
+                Image.fromarray(mask).save(target)
+                predictions[index] = {"mask_file": str(target), **result}
+    return [predictions[i] for i in range(len(split))]
 
 
 def inspect_model(reference: str | None, weights: str | None = None, num_labels: int = 2,

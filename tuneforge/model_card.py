@@ -17,8 +17,10 @@ SUMMARY_METRICS = {
     "classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss"),
     "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "auc_roc", "exact_match", "loss"),
     "regression": ("rmse", "mae", "r2", "baseline_rmse", "baseline_r2", "loss"),
+    "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
 }
-WHAT = {"classification": "classifier", "multilabel": "multi-label classifier", "regression": "regression model"}
+WHAT = {"classification": "classifier", "multilabel": "multi-label classifier", "regression": "regression model",
+        "segmentation": "semantic segmentation model"}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -167,7 +169,11 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
                           *([_interval(s.get("accuracy"), s.get("num_examples"))] if interval else [])]
                          for name, s in splits.items()])
         for name, s in splits.items():
-            if s.get("per_class"):
+            if s.get("per_class") and kind == "segmentation":
+                lines += ["", f"Per class on {name}:", ""]
+                lines += _table(["class", "IoU", "Dice", "pixels"], [[label, _number(c["iou"]), _number(c["dice"]),
+                                                                       c["pixels"]] for label, c in s["per_class"].items()])
+            elif s.get("per_class"):
                 lines += ["", f"Per class on {name}:", ""]
                 lines += _table(["class", "precision", "recall", "F1", "examples"],
                                 [[label, _number(c["precision"]), _number(c["recall"]), _number(c["f1"]), c["support"]]
@@ -181,7 +187,8 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     sources = ", ".join(f"`{s['source']}`" for s in data.get("splits", {}).values()) or "unknown"
     smallest = min(data["train_class_counts"].values()) if data.get("train_class_counts") else None
     purpose = {"classification": "Assigning one of the labels above to", "multilabel": "Assigning any of the labels "
-               "above (none, one or several) to", "regression": "Predicting the targets above for"}[kind]
+               "above (none, one or several) to", "regression": "Predicting the targets above for",
+               "segmentation": "Assigning one of the classes above to every pixel of"}[kind]
     lines += ["", "## Intended use", "",
               f"{purpose} {info['modality']} inputs like those of the training data "
               f"({sources}). Inputs must be prepared the same way: "
@@ -200,6 +207,8 @@ def _head(kind: str, info: dict) -> str:
         return f"a new regression head with {count} output(s), one per target"
     if kind == "multilabel":
         return f"a new head with one sigmoid output per label ({count} labels)"
+    if kind == "segmentation":
+        return f"a new decode head with one output map per class ({count} classes)"
     return f"a new classifier for {count} labels"
 
 
@@ -213,6 +222,10 @@ def _limitations(kind: str, smallest: int | None, data: dict) -> list[str]:
     lines = [f"- The rarest {'label' if kind == 'multilabel' else 'class'} had {smallest} training examples; rare "
              "labels are usually predicted less reliably (see the per-class table)." if smallest is not None
              else "- Class balance of the training data: unknown."]
+    if kind == "segmentation":
+        return ["- Per-class IoU and Dice are in the tables above; classes with few pixels are usually segmented "
+                "less reliably.", "- Masks are predicted at the model's input resolution and upsampled to each image's "
+                "size, so thin structures may be lost."]
     if kind == "classification":
         lines += ["- The intervals above reflect only the size of each evaluation split (binomial, 95 %), not a shift "
                   "between the data it was tested on and the data it will see.",

@@ -189,11 +189,12 @@ def _load_tokenizer(reference: str, name: str, config, common: dict):
     return tokenizer
 
 
-def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
+def load_hf_model(spec, labels: list[str], image_spec, task: str = "classification") -> LoadedModel:
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
         AutoModelForImageClassification,
+        AutoModelForSemanticSegmentation,
         AutoModelForSequenceClassification,
     )
 
@@ -215,6 +216,13 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
         raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({first_line(error)})"]) from None
     modality = _hf_modality(config)
     auto_class = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
+    if task == "segmentation":
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES:
+            raise ModelError([f"model.name {spec.name!r} is a {config.model_type} model, which transformers has no "
+                              "semantic segmentation head for; choose a segmentation model (e.g. SegFormer)"])
+        modality, auto_class = "image", AutoModelForSemanticSegmentation
 
     overrides = {}
     if spec.new_head:
@@ -242,7 +250,7 @@ def load_hf_model(spec, labels: list[str], image_spec) -> LoadedModel:
         model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
         report = LoadReport([], sorted(model.state_dict()), [])
     head = _hf_head_prefixes(model)
-    if not native_dropout:
+    if not native_dropout and task != "segmentation":  # a decode head reads several feature maps, not one input
         _add_head_dropout(model, head, spec.head_dropout)
 
     if modality == "text":
@@ -323,10 +331,14 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
                        [f"net.{head}"] if spec.new_head else [], report, factory)
 
 
-def load_model(spec, labels: list[str], image_spec) -> LoadedModel:
+def load_model(spec, labels: list[str], image_spec, task: str = "classification") -> LoadedModel:
+    """The pretrained model with a new head for `labels` (task.type decides which head)."""
     if spec.factory:
+        if task == "segmentation":
+            raise ModelError(["task.type segmentation needs a Hugging Face segmentation model (model.name), "
+                              "not a factory model"])
         return load_factory_model(spec, labels, image_spec)
-    return load_hf_model(spec, labels, image_spec)
+    return load_hf_model(spec, labels, image_spec, task)
 
 
 def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
@@ -427,7 +439,7 @@ def load_adapter_folder(folder: Path, labels: list[str]) -> LoadedModel:
     base = json.loads((folder / ADAPTER_CONFIG).read_text())
     spec = ModelSpec(**base["model"])
     try:
-        loaded = load_model(spec, labels, ImageSpec(**base["image"]))
+        loaded = load_model(spec, labels, ImageSpec(**base["image"]), base.get("task", "classification"))
     except ModelError as error:
         raise ModelError([f"{folder} holds an adapter over {spec.name or spec.factory}, which must be available to load "
                           f"it: {error.problems[0]}"]) from None
@@ -473,6 +485,13 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return LoadedModel(model, processor, "image", [f"net.{factory['head']}"], LoadReport(), factory), labels
     modality = _hf_modality(AutoConfig.from_pretrained(folder))
+    info = folder / "tuneforge.json"
+    if info.is_file() and json.loads(info.read_text()).get("task") == "segmentation":
+        from transformers import AutoModelForSemanticSegmentation
+
+        model = AutoModelForSemanticSegmentation.from_pretrained(folder)
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return LoadedModel(model, processor, "image", _hf_head_prefixes(model), LoadReport()), labels
     if modality == "image":
         model = AutoModelForImageClassification.from_pretrained(folder)
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")

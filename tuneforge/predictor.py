@@ -48,9 +48,14 @@ class Predictor:
         items = [inputs] if single else list(inputs)
         if not items:
             return []
+        items = self.prepare(items)
         with torch.inference_mode():
             logits = self.loaded.model(**self._batch(items)).logits
-        results = self.task.predictions(logits)
+        if self.task.name == "segmentation":  # each mask at its own image's size
+            results = [self.task.predictions(logits[i:i + 1], size=(image.height, image.width))[0]
+                       for i, image in enumerate(items)]
+        else:
+            results = self.task.predictions(logits)
         return results[0] if single else results
 
     def prepare(self, items: list) -> list:
@@ -64,7 +69,7 @@ class Predictor:
         return items
 
     def _batch(self, items: list) -> dict[str, torch.Tensor]:
-        items = self.prepare(items)
+        """Model inputs for prepared items."""
         if self.modality == "text":
             # The training path's own tokenisation, truncation and padding.
             texts = [item[0] if self.pairs else item for item in items]

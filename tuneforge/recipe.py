@@ -69,8 +69,9 @@ class ImageSpec(Section):
 
 
 class DataSpec(Section):
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text"] = Field(
-        "auto", description="label-text: plain text, one example a line, the label, a space, then the text")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text", "image-masks"] = Field(
+        "auto", description="label-text: plain text, one example a line, the label, a space, then the text; "
+                            "image-masks: a folder with images/ and masks/ (segmentation; the default for it)")
     train: str | None = None
     validation: str | None = None
     test: str | None = None
@@ -89,6 +90,8 @@ class DataSpec(Section):
     columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
     image: ImageSpec = ImageSpec()
     skip_unreadable_images: bool = False
+    drop_bad_annotations: bool = Field(False, description="segmentation: leave out images whose mask is missing, "
+                                                          "unreadable, of another size or with unknown classes (counted)")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="loader processes; auto: images are decoded in up to 4 workers, text (tokenised once) needs none")
     group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
@@ -103,9 +106,11 @@ class DataSpec(Section):
 
 
 class TaskSpec(Section):
-    type: Literal["classification", "regression", "multilabel"] = Field(
+    type: Literal["classification", "regression", "multilabel", "segmentation"] = Field(
         "classification", description="classification: one label per example; multilabel: a list of labels per example "
-                                      "(sigmoid outputs); regression: one or more continuous targets")
+                                      "(sigmoid outputs); regression: one or more continuous targets; segmentation: "
+                                      "a class per pixel, from image + mask pairs")
+    ignore_index: int = Field(255, ge=0, description="segmentation: mask value of pixels that count nowhere")
     normalize_targets: bool = Field(True, description="regression: train on targets scaled to mean 0, std 1 (by the "
                                                       "training split); predictions come back in the data's units")
     threshold: float | Literal["tune"] = Field(
@@ -219,9 +224,10 @@ class EvalSpec(Section):
     early_stopping: EarlyStoppingSpec | None = None
     metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
                     "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
-                    "precision_micro", "recall_micro", "exact_match"] | None = Field(
+                    "precision_micro", "recall_micro", "exact_match", "mean_iou", "mean_dice", "pixel_accuracy"
+                    ] | None = Field(
         None, description="validation metric that picks the best model (and drives early stopping); default: "
-                          "accuracy (classification), rmse (regression), f1_micro (multilabel)")
+                          "accuracy (classification), rmse (regression), f1_micro (multilabel), mean_iou (segmentation)")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse and mae, else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
@@ -233,6 +239,7 @@ TASK_METRICS = {
     "regression": ("rmse", "mse", "mae", "r2", "loss"),
     "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "precision_macro", "recall_macro",
                    "auc_roc", "exact_match", "loss"),
+    "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
 }
 
 
@@ -269,7 +276,8 @@ class Recipe(Section):
     def _task_settings(self) -> Recipe:
         # Resolved here, once, so every reader of the recipe (and the saved recipe.yaml) sees the same choice.
         kind = self.task.type
-        metric = self.eval.metric or {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro"}[kind]
+        metric = self.eval.metric or {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro",
+                                      "segmentation": "mean_iou"}[kind]
         allowed = TASK_METRICS[kind]
         if metric not in allowed:
             raise ValueError(f"eval.metric {metric} is not computed for task.type {kind}; choose one of {', '.join(allowed)}")
@@ -280,6 +288,15 @@ class Recipe(Section):
         if kind != "classification" and self.data.sampler == "balanced":
             raise ValueError(f"data.sampler balanced draws classes equally often; task.type {kind} has no single class "
                              "per example")
+        if kind == "segmentation":
+            if self.data.format not in ("auto", "image-masks"):
+                raise ValueError("task.type segmentation reads data.format image-masks (a folder with images/ and "
+                                 f"masks/), not {self.data.format}")
+            self.data.format = "image-masks"
+            if self.data.augment.is_active:
+                raise ValueError("data.augment moves pixels but not the masks; task.type segmentation cannot use it yet")
+        elif self.data.format == "image-masks":
+            raise ValueError("data.format image-masks is for task.type segmentation")
         mixing = [key for key in ("mixup", "cutmix") if getattr(self.data.augment, key, 0)]
         if kind != "classification" and mixing:
             raise ValueError(f"data.augment.{mixing[0]} blends labels of classes; task.type {kind} cannot use it")

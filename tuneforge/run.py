@@ -121,12 +121,15 @@ def _check_resumable(saved: dict, recipe: Recipe) -> None:
 
 def load_data_and_model(recipe: Recipe, console: Console, main: bool):
     data = load_task_data(recipe.data, recipe.task)
-    loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    loaded = load_model(recipe.model, data.label_names, recipe.data.image, recipe.task.type)
     apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
+    if loaded.base is not None:  # an adapter folder rebuilds its base with the task's head
+        loaded.base["task"] = recipe.task.type
     config = getattr(loaded.model, "config", None)
-    if config is not None and hasattr(config, "problem_type"):  # so transformers' own loss matches, after export
-        config.problem_type = {"classification": "single_label_classification", "regression": "regression",
-                               "multilabel": "multi_label_classification"}[data.kind]
+    problem = {"classification": "single_label_classification", "regression": "regression",
+               "multilabel": "multi_label_classification"}.get(data.kind)
+    if problem and config is not None and hasattr(config, "problem_type"):  # transformers' own loss matches, after export
+        config.problem_type = problem
     if loaded.modality != data.modality:
         raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
                           f"data.train is {data.modality} data; choose a model for {data.modality} input or other data"])
@@ -183,7 +186,7 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         raise ResumeError([f"the label set changed since {run_dir} was trained ({saved_labels} -> {data.labels}); "
                            "a resumed run cannot change its classes: start a new run"])
     task = make_task(recipe, data)
-    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length)
+    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length, data.kind)
                 for name, split in data.splits.items()}
     for split in data.splits.values():  # tokenised into memory-mapped arrays: the raw texts need not stay in memory
         split.texts = split.text_pairs = None
@@ -204,6 +207,8 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         enable_gradient_checkpointing(loaded)
     prefix, why_not = choose_prefix(recipe.train.cache_features, plan, loaded.model, tools.augment is not None,
                                     accelerator.num_processes)
+    if data.kind == "segmentation":  # its batches carry masks, which the cache does not store
+        prefix, why_not = None, "the feature cache does not store segmentation masks"
     if recipe.train.cache_features is True and prefix is None:
         raise RecipeError([f"train.cache_features is true but there is nothing to cache: {why_not}; "
                            "set it to auto (cache when possible) or false"])
@@ -331,6 +336,8 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
 
 def _train_target_summary(data: TaskData) -> dict:
     """For the model card: examples per class (per label for multilabel), or each target's mean and range."""
+    if data.kind == "segmentation":  # pixel counts would mean reading every mask again
+        return {"train_images": len(data.splits["train"])}
     targets = torch.tensor(data.targets("train"))
     if data.kind == "regression":
         return {"train_targets": {name: {"mean": float(column.mean()), "min": float(column.min()), "max": float(column.max())}
@@ -435,8 +442,7 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
 def _final_metrics(run: Run, model, task, eval_loaders: dict, state: TrainState, train_seconds: float) -> dict:
     splits = {}
     for name, loader in eval_loaders.items():
-        logits, labels = predict_logits(model, loader, run.accelerator)
-        splits[name] = task.metrics(logits, labels)
+        splits[name] = task.evaluate(model, loader, run.accelerator)
         run.record({"type": "final", "split": name, "step": state.best_step or state.step, **splits[name]})
     report_split = "test" if "test" in splits else "validation" if "validation" in splits else None
     result = {

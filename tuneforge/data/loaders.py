@@ -118,6 +118,34 @@ class ImageDataset(Dataset):
         }
 
 
+class SegmentationDataset(Dataset):
+    """Image + mask pairs: the image through the model's processor, the mask resized to the same size
+    with nearest-neighbour sampling (class indices must never be blended)."""
+
+    def __init__(self, split: Split, masks: list, image_processor):
+        self.paths, self.masks, self.image_processor = split.image_paths, masks, image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        pixels = self.image_processor(load_rgb(self.paths[index]), return_tensors="pt")["pixel_values"][0]
+        mask = self.masks[index]
+        if mask is None:  # an input to predict
+            labels = torch.zeros(pixels.shape[-2:], dtype=torch.long)
+        else:
+            with Image.open(mask) as opened:
+                resized = opened.resize((pixels.shape[-1], pixels.shape[-2]), Image.NEAREST)
+                labels = torch.from_numpy(np.asarray(resized).astype(np.int64))
+        return {"pixel_values": pixels, "label": labels, "index": index}
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return {"inputs": {"pixel_values": torch.stack([item["pixel_values"] for item in items])},
+                "labels": torch.stack([item["label"] for item in items]),
+                "index": torch.tensor([item["index"] for item in items])}
+
+
 class EpochBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch).
 
@@ -180,7 +208,9 @@ def balanced_weights(targets: list[int]) -> list[float]:
     return [1.0 / counts[label] for label in targets]
 
 
-def make_dataset(split: Split, targets: list, preprocessor, max_length: int) -> Dataset:
+def make_dataset(split: Split, targets: list, preprocessor, max_length: int, kind: str = "classification") -> Dataset:
+    if kind == "segmentation":
+        return SegmentationDataset(split, targets, preprocessor)
     if split.image_paths is not None:
         return ImageDataset(split, targets, preprocessor)
     return TextDataset(split, targets, preprocessor, max_length)
@@ -191,7 +221,7 @@ def loader_workers(setting: int | str, dataset: Dataset) -> int:
     training); text is tokenised up front and cached features are already decoded, so workers would only add IPC."""
     if setting != "auto":
         return setting
-    if not isinstance(dataset, ImageDataset):
+    if not isinstance(dataset, (ImageDataset, SegmentationDataset)):
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 

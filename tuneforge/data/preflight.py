@@ -39,6 +39,8 @@ def encode_targets(kind: str, values: list, labels: list[str], separator: str) -
     a multi-hot list (multilabel), or the target values as floats (regression)."""
     if kind == "regression":
         return [[float(v) for v in (value if isinstance(value, tuple) else (value,))] for value in values]
+    if kind == "segmentation":
+        return list(values)  # mask files, read with their images
     index = {label: i for i, label in enumerate(labels)}
     if kind == "multilabel":
         encoded = []
@@ -159,6 +161,8 @@ def check_targets(split: Split, kind: str, labels: list[str] | None, separator: 
                if not all(number(v) for v in (value if isinstance(value, tuple) else (value,)))]
         return [f"{split.name}: {len(bad)} target value(s) in column(s) {column} are missing or not numbers at "
                 f"{_listing(bad)}; fix or remove those rows"] if bad else []
+    if kind == "segmentation":
+        return []  # masks are checked by _segmentation_data, which reads them
     if kind == "multilabel":
         if labels is None:
             return []
@@ -219,6 +223,8 @@ def load_task_data(data_spec, task_spec) -> TaskData:
         return TaskData(splits, columns, columns, modality, notes, kind)
     if kind == "multilabel":
         return _multilabel_data(splits, task_spec, data_spec, modality, notes, problems)
+    if kind == "segmentation":
+        return segmentation_data(splits, task_spec, data_spec, notes, problems)
 
     train_labels = sorted({label_key(v) for v in splits["train"].labels if not _missing(v)}, key=_natural)
     labels = list(task_spec.labels) if task_spec.labels else train_labels
@@ -249,6 +255,65 @@ def _multilabel_data(splits: dict, task_spec, data_spec, modality: str, notes: l
         raise DataError(problems)
     names = list(task_spec.label_names) if task_spec.label_names else labels
     return TaskData(splits, labels, names, modality, notes, "multilabel", separator)
+
+
+def _mask_facts(image: Path, mask: Path | None) -> tuple[str | None, set[int]]:
+    """(what is wrong with this pair or None, the class values in the mask)."""
+    if mask is None:
+        return "no mask (expected masks/<image name>.png)", set()
+    try:
+        with Image.open(mask) as opened:
+            values = np.asarray(opened)
+        with Image.open(image) as picture:
+            size = picture.size
+    except Exception as error:  # PIL raises many types for a bad file
+        return f"unreadable mask {mask} ({type(error).__name__}: {error})", set()
+    if values.ndim != 2:
+        return f"mask {mask} has {values.shape[-1]} channels; a mask holds one class index per pixel (mode L or P)", set()
+    if (values.shape[1], values.shape[0]) != size:
+        return f"mask {mask} is {values.shape[1]}x{values.shape[0]} but its image is {size[0]}x{size[1]}", set()
+    return None, set(np.unique(values).tolist())
+
+
+def segmentation_data(splits: dict, task_spec, data_spec, notes: list[str], problems: list[str]) -> TaskData:
+    """Every mask read once: present, readable, one channel, the image's size, and only known classes
+    (0 ... K-1, or the ignore index). With data.drop_bad_annotations, offending pairs are left out and counted."""
+    ignore = task_spec.ignore_index
+    facts = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for name, split in splits.items():
+            facts[name] = list(pool.map(_mask_facts, split.image_paths, split.labels))
+    first = next(iter(facts))  # train when training; the one split being evaluated otherwise
+    found = set().union(*(values for _, values in facts[first])) - {ignore}
+    labels = list(task_spec.labels) if task_spec.labels else [str(v) for v in range(max(found, default=0) + 1)]
+    for name, split in splits.items():
+        bad = []
+        for row, (problem, values) in zip(split.rows, facts[name]):
+            unknown = sorted(v for v in values if v != ignore and not 0 <= v < len(labels))
+            if problem is None and unknown:
+                problem = (f"class value(s) {unknown[:5]} outside the label map (0 to {len(labels) - 1}, ignore index "
+                           f"{ignore})")
+            if problem:
+                bad.append((row, problem))
+        if not bad:
+            continue
+        if data_spec.drop_bad_annotations:
+            bad_rows = {row for row, _ in bad}
+            keep = [i for i, row in enumerate(split.rows) if row not in bad_rows]
+            kept = split.select(keep)
+            split.labels, split.rows, split.image_paths = kept.labels, kept.rows, kept.image_paths
+            notes.append(f"{name}: dropped {len(bad)} image(s) with bad masks: {_listing([row for row, _ in bad])}")
+            if not len(split):
+                problems.append(f"{name}: no image is left after dropping those with bad masks")
+        else:
+            details = "; ".join(f"{row}: {problem}" for row, problem in bad[:SHOWN])
+            more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+            problems.append(f"{name}: {len(bad)} image(s) with bad masks: {details}{more}; fix them or set "
+                            "data.drop_bad_annotations: true")
+    if problems:
+        raise DataError(problems)
+    names = list(task_spec.label_names) if task_spec.label_names else labels
+    return TaskData(splits, labels, names, "image", notes, "segmentation")
 
 
 def _natural(label: str):

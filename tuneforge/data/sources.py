@@ -184,8 +184,32 @@ def read_image_split(name: str, root: Path, require_labels: bool = True) -> Spli
     return Split(name, str(root), labels, [str(path) for path in paths], image_paths=paths)
 
 
+def read_mask_split(name: str, root: Path, require_labels: bool = True) -> Split:
+    """root/images/<name>.<ext> with root/masks/<name>.png (class index per pixel). An image without a
+    mask gets None (reported by the preflight check); without masks/ at all, the images are inputs to predict."""
+    empty = Split(name, str(root), [], [])
+    images_dir = root / "images" if (root / "images").is_dir() else root
+    if not root.is_dir():
+        empty.problems.append(f"{name}: folder {root} does not exist (data.{name})")
+        return empty
+    paths = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        empty.problems.append(f"{name}: {images_dir} holds no images; expected {root}/images/<files> and "
+                              f"{root}/masks/<same names>.png")
+        return empty
+    masks_dir = root / "masks"
+    if require_labels and not masks_dir.is_dir():
+        empty.problems.append(f"{name}: {root} has no masks/ folder; expected {root}/masks/<image name>.png, one "
+                              "class index per pixel")
+        return empty
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.is_file()} if masks_dir.is_dir() else {}
+    return Split(name, str(root), [masks.get(p.stem) for p in paths], [str(p) for p in paths], image_paths=paths)
+
+
 def read_split(name: str, location: str, spec, require_labels: bool = True) -> Split:
     path = Path(location).expanduser()
+    if spec.format == "image-masks":
+        return read_mask_split(name, path, require_labels)
     if infer_format(path, spec.format) == "imagefolder" or path.suffix.lower() in IMAGE_SUFFIXES:
         return read_image_split(name, path, require_labels)
     return read_text_split(name, path, spec, require_labels)

@@ -14,8 +14,9 @@ from tuneforge.errors import RecipeError
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 from tuneforge.tasks.multilabel import MultiLabelTask
 from tuneforge.tasks.regression import RegressionTask
+from tuneforge.tasks.segmentation import SegmentationTask
 
-Task = ClassificationTask | RegressionTask | MultiLabelTask
+Task = ClassificationTask | RegressionTask | MultiLabelTask | SegmentationTask
 
 
 def make_task(recipe, data) -> Task:
@@ -25,6 +26,8 @@ def make_task(recipe, data) -> Task:
         return RegressionTask.fit(data.label_names, data.targets("train"), spec.normalize_targets)
     if spec.type == "multilabel":
         return MultiLabelTask(data.label_names, 0.5 if spec.threshold == "tune" else spec.threshold)
+    if spec.type == "segmentation":
+        return SegmentationTask(data.label_names, spec.ignore_index)
     weights = spec.class_weights
     if weights == "balanced":
         weights = balanced_class_weights(data.targets("train"), len(data.labels))
@@ -43,4 +46,6 @@ def task_from_info(info: dict) -> Task:
         return RegressionTask(names, info["target_mean"], info["target_std"], info["target_train_mean"])
     if kind == "multilabel":
         return MultiLabelTask(names, info["threshold"])
+    if kind == "segmentation":
+        return SegmentationTask(names, info["ignore_index"])
     return ClassificationTask(names)

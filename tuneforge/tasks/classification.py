@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import classification as tmf
 
+from tuneforge.tasks.base import TaskBase
+
 
 def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tensor:
     """n / (k * count_c): inversely proportional to class frequency, 1 for every class when balanced."""
@@ -15,7 +17,7 @@ def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tens
     return len(label_ids) / (num_classes * counts.clamp(min=1))
 
 
-class ClassificationTask:
+class ClassificationTask(TaskBase):
     name = "classification"
     summary_keys = ("accuracy", "f1_macro", "auc_roc", "loss")
     info: dict = {}  # nothing beyond the labels to save with the model

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import classification as tmf
 
+from tuneforge.tasks.base import TaskBase
+
 THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # what `tune` tries: 0.05 ... 0.95
 
 
-class MultiLabelTask:
+class MultiLabelTask(TaskBase):
     name = "multilabel"
     summary_keys = ("f1_micro", "f1_macro", "exact_match", "loss")
 

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import regression as tmr
 
+from tuneforge.tasks.base import TaskBase
 
-class RegressionTask:
+
+class RegressionTask(TaskBase):
     name = "regression"
     summary_keys = ("rmse", "mae", "r2", "baseline_rmse", "loss")
 
