@@ -36,7 +36,7 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from tuneforge.inference import predict_run
 
-    count = predict_run(args.run, args.input, args.output)
+    count = predict_run(args.run, args.input, args.output, args.draw)
     print(f"wrote {count} predictions to {args.output}")
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run", help="run directory (or its model/ folder)")
     predict.add_argument("--input", required=True, help="table with the text column, an image, or a folder of images")
     predict.add_argument("--output", required=True, help=".jsonl or .csv file to write")
+    predict.add_argument("--draw", help="detection: also write each image with its boxes drawn into this folder")
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="write a run's model for deployment, with a model card")

@@ -124,6 +124,10 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise StorageError([f"{output} exists and is not empty; choose another --output or pass --overwrite"])
     loaded, labels = load_model_folder(source)
+    task = json.loads((source / "tuneforge.json").read_text()).get("task")
+    if task == "detection" and fmt != "hf":
+        raise ModelError([f"--format {fmt} exports a model's logits only; a detection model also outputs boxes, which "
+                          "these formats do not carry yet: export it with --format hf"])
     if fmt == "hf" and loaded.base is not None and not AdapterSpec(**loaded.base["adapter"]).mergeable:
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])

@@ -28,7 +28,7 @@ def model_folder(run: str | Path) -> Path:
 def _prepared(predictor, split, targets: list):
     """The model and a whole file's evaluation loader (batches, shortest first), not input by input."""
     dataset = make_dataset(split, targets, predictor.loaded.preprocessor, predictor.info["max_length"],
-                           predictor.task.name)
+                           predictor.task.name, predictor.info["label_values"])
     accelerator = Accelerator()
     model, loader = accelerator.prepare(predictor.loaded.model, make_loader(dataset, 64, "auto"))
     return model, loader, accelerator
@@ -74,9 +74,10 @@ def _segmentation_problems(split, predictor) -> list[str]:
     return []
 
 
-def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
+def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: str | Path | None = None) -> int:
     """Write the task's prediction per input row (or image) to a .jsonl or .csv file. Segmentation also
-    writes each predicted mask, at its image's size, as OUTPUT-masks/<image name>.png (class index per pixel)."""
+    writes each predicted mask, at its image's size, as OUTPUT-masks/<image name>.png (class index per pixel);
+    detection with `draw`, each image with its boxes drawn, into that folder."""
     from tuneforge.predictor import load
 
     predictor = load(run)
@@ -89,6 +90,8 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     if task.name == "segmentation":
         predictions = _write_masks(predictor, split, output.parent / f"{output.stem}-masks")
+    elif task.name == "detection":
+        predictions = _detect(predictor, split, Path(draw) if draw else None)
     else:
         predictions = task.predictions(_logits(predictor, split, [0] * len(split))[0])
     if output.suffix.lower() == ".csv":
@@ -125,6 +128,33 @@ def _write_masks(predictor, split, folder: Path) -> list[dict]:
                 target = folder / f"{Path(path).stem}.png"
                 Image.fromarray(mask).save(target)
                 predictions[index] = {"mask_file": str(target), **result}
+    return [predictions[i] for i in range(len(split))]
+
+
+def _detect(predictor, split, draw: Path | None) -> list[dict]:
+    """Boxes above the score threshold per image, in its own pixels; with `draw`, the images with them drawn."""
+    import torch
+    from PIL import ImageDraw
+
+    from tuneforge.data.loaders import load_rgb
+
+    model, loader, accelerator = _prepared(predictor, split, [None] * len(split))
+    model.eval()
+    task, predictions = predictor.task, {}
+    if draw is not None:
+        draw.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for batch in loader:
+            for index, found in zip(batch["index"].tolist(), task.detections(model(**batch["inputs"]), batch["sizes"])):
+                predictions[index] = task.format(found)
+                if draw is not None:
+                    image = load_rgb(split.image_paths[index])
+                    pen = ImageDraw.Draw(image)
+                    for box in predictions[index]["boxes"]:
+                        pen.rectangle(box["box"], outline=(255, 40, 40), width=max(2, image.width // 200))
+                        pen.text((box["box"][0] + 3, box["box"][1] + 2), f"{box['label']} {box['score']:.2f}",
+                                 fill=(255, 40, 40))
+                    image.save(draw / f"{Path(split.image_paths[index]).stem}.png")
     return [predictions[i] for i in range(len(split))]
 
 

@@ -85,7 +85,7 @@ def backward_window(model, task, window: list[dict], accelerator, splits: int, p
         last = index == len(pieces) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                loss = task.loss(model(**chunk["inputs"]).logits, chunk["labels"])
+                loss = task.compute_loss(model, chunk["inputs"], chunk["labels"])
             scaled = loss * weight
             if last and penalty is not None:
                 scaled = scaled + penalty()

@@ -48,11 +48,13 @@ def _worst_case_batch(dataset, size: int) -> dict:
 
 def _step_fits(model, task, dataset, size: int, device: torch.device) -> bool:
     batch = _worst_case_batch(dataset, size)
-    inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+    from accelerate.utils import send_to_device
+
+    inputs, labels = send_to_device(batch["inputs"], device), send_to_device(batch["labels"], device)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        task.loss(model(**inputs).logits, batch["labels"].to(device)).backward()
+        task.compute_loss(model, inputs, labels).backward()
     except Exception as error:  # only out-of-memory means "does not fit"; anything else is a real bug
         if not is_out_of_memory(error):
             raise

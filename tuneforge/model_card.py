@@ -18,9 +18,10 @@ SUMMARY_METRICS = {
     "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "auc_roc", "exact_match", "loss"),
     "regression": ("rmse", "mae", "r2", "baseline_rmse", "baseline_r2", "loss"),
     "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
+    "detection": ("map_50", "map", "mean_iou", "loss"),
 }
 WHAT = {"classification": "classifier", "multilabel": "multi-label classifier", "regression": "regression model",
-        "segmentation": "semantic segmentation model"}
+        "segmentation": "semantic segmentation model", "detection": "object detector"}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -169,7 +170,11 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
                           *([_interval(s.get("accuracy"), s.get("num_examples"))] if interval else [])]
                          for name, s in splits.items()])
         for name, s in splits.items():
-            if s.get("per_class") and kind == "segmentation":
+            if s.get("per_class") and kind == "detection":
+                lines += ["", f"Per class on {name}:", ""]
+                lines += _table(["class", "AP@[.5:.95]", "AP@.5", "boxes"], [[label, _number(c["ap"]), _number(c["ap_50"]),
+                                                                             c["boxes"]] for label, c in s["per_class"].items()])
+            elif s.get("per_class") and kind == "segmentation":
                 lines += ["", f"Per class on {name}:", ""]
                 lines += _table(["class", "IoU", "Dice", "pixels"], [[label, _number(c["iou"]), _number(c["dice"]),
                                                                        c["pixels"]] for label, c in s["per_class"].items()])
@@ -188,7 +193,8 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     smallest = min(data["train_class_counts"].values()) if data.get("train_class_counts") else None
     purpose = {"classification": "Assigning one of the labels above to", "multilabel": "Assigning any of the labels "
                "above (none, one or several) to", "regression": "Predicting the targets above for",
-               "segmentation": "Assigning one of the classes above to every pixel of"}[kind]
+               "segmentation": "Assigning one of the classes above to every pixel of",
+               "detection": "Finding and boxing objects of the classes above in"}[kind]
     lines += ["", "## Intended use", "",
               f"{purpose} {info['modality']} inputs like those of the training data "
               f"({sources}). Inputs must be prepared the same way: "
@@ -209,6 +215,8 @@ def _head(kind: str, info: dict) -> str:
         return f"a new head with one sigmoid output per label ({count} labels)"
     if kind == "segmentation":
         return f"a new decode head with one output map per class ({count} classes)"
+    if kind == "detection":
+        return f"a new class head for {count} classes (plus no-object) beside the box head"
     return f"a new classifier for {count} labels"
 
 
@@ -222,6 +230,10 @@ def _limitations(kind: str, smallest: int | None, data: dict) -> list[str]:
     lines = [f"- The rarest {'label' if kind == 'multilabel' else 'class'} had {smallest} training examples; rare "
              "labels are usually predicted less reliably (see the per-class table)." if smallest is not None
              else "- Class balance of the training data: unknown."]
+    if kind == "detection":
+        return [f"- The rarest class had {smallest} training boxes." if smallest is not None else
+                "- Boxes per class in training: unknown.",
+                "- mAP is COCO's (pycocotools); boxes below the score threshold are left out of predictions only."]
     if kind == "segmentation":
         return ["- Per-class IoU and Dice are in the tables above; classes with few pixels are usually segmented "
                 "less reliably.", "- Masks are predicted at the model's input resolution and upsampled to each image's "

@@ -216,13 +216,19 @@ def load_hf_model(spec, labels: list[str], image_spec, task: str = "classificati
         raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({first_line(error)})"]) from None
     modality = _hf_modality(config)
     auto_class = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
-    if task == "segmentation":
-        from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+    if task in ("segmentation", "detection"):
+        from transformers import AutoModelForObjectDetection
+        from transformers.models.auto import modeling_auto
 
-        if config.model_type not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES:
+        mapping, auto_class, example = {
+            "segmentation": (modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES,
+                             AutoModelForSemanticSegmentation, "SegFormer"),
+            "detection": (modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES, AutoModelForObjectDetection,
+                          "DETR, Conditional DETR, YOLOS")}[task]
+        if config.model_type not in mapping:
             raise ModelError([f"model.name {spec.name!r} is a {config.model_type} model, which transformers has no "
-                              "semantic segmentation head for; choose a segmentation model (e.g. SegFormer)"])
-        modality, auto_class = "image", AutoModelForSemanticSegmentation
+                              f"{task} head for; choose a {task} model ({example})"])
+        modality = "image"
 
     overrides = {}
     if spec.new_head:
@@ -250,7 +256,7 @@ def load_hf_model(spec, labels: list[str], image_spec, task: str = "classificati
         model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
         report = LoadReport([], sorted(model.state_dict()), [])
     head = _hf_head_prefixes(model)
-    if not native_dropout and task != "segmentation":  # a decode head reads several feature maps, not one input
+    if not native_dropout and task not in ("segmentation", "detection"):  # their heads read several inputs
         _add_head_dropout(model, head, spec.head_dropout)
 
     if modality == "text":
@@ -486,10 +492,12 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         return LoadedModel(model, processor, "image", [f"net.{factory['head']}"], LoadReport(), factory), labels
     modality = _hf_modality(AutoConfig.from_pretrained(folder))
     info = folder / "tuneforge.json"
-    if info.is_file() and json.loads(info.read_text()).get("task") == "segmentation":
-        from transformers import AutoModelForSemanticSegmentation
+    task = json.loads(info.read_text()).get("task") if info.is_file() else None
+    if task in ("segmentation", "detection"):
+        from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
 
-        model = AutoModelForSemanticSegmentation.from_pretrained(folder)
+        auto_class = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForObjectDetection
+        model = auto_class.from_pretrained(folder)
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return LoadedModel(model, processor, "image", _hf_head_prefixes(model), LoadReport()), labels
     if modality == "image":

@@ -50,12 +50,7 @@ class Predictor:
             return []
         items = self.prepare(items)
         with torch.inference_mode():
-            logits = self.loaded.model(**self._batch(items)).logits
-        if self.task.name == "segmentation":  # each mask at its own image's size
-            results = [self.task.predictions(logits[i:i + 1], size=(image.height, image.width))[0]
-                       for i, image in enumerate(items)]
-        else:
-            results = self.task.predictions(logits)
+            results = self.task.predict(self.loaded.model(**self._batch(items)), items)
         return results[0] if single else results
 
     def prepare(self, items: list) -> list:

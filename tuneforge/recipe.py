@@ -69,9 +69,14 @@ class ImageSpec(Section):
 
 
 class DataSpec(Section):
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text", "image-masks"] = Field(
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text", "image-masks",
+                    "boxes-csv", "voc", "coco"] = Field(
         "auto", description="label-text: plain text, one example a line, the label, a space, then the text; "
-                            "image-masks: a folder with images/ and masks/ (segmentation; the default for it)")
+                            "image-masks: a folder with images/ and masks/ (segmentation; the default for it); "
+                            "detection: boxes-csv (a box a row; the default for it), voc (a folder of XML files), "
+                            "coco (a JSON file)")
+    image_root: str | None = Field(None, description="detection: the folder image file names are relative to (default: "
+                                                     "the annotation file's folder; VOC: its <folder> beside the XMLs)")
     train: str | None = None
     validation: str | None = None
     test: str | None = None
@@ -90,8 +95,9 @@ class DataSpec(Section):
     columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
     image: ImageSpec = ImageSpec()
     skip_unreadable_images: bool = False
-    drop_bad_annotations: bool = Field(False, description="segmentation: leave out images whose mask is missing, "
-                                                          "unreadable, of another size or with unknown classes (counted)")
+    drop_bad_annotations: bool = Field(False, description="segmentation and detection: leave out images whose mask "
+                                                          "or boxes are bad (missing, of another size, outside the "
+                                                          "image, of no area, of unknown classes), with a count")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="loader processes; auto: images are decoded in up to 4 workers, text (tokenised once) needs none")
     group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
@@ -106,11 +112,13 @@ class DataSpec(Section):
 
 
 class TaskSpec(Section):
-    type: Literal["classification", "regression", "multilabel", "segmentation"] = Field(
+    type: Literal["classification", "regression", "multilabel", "segmentation", "detection"] = Field(
         "classification", description="classification: one label per example; multilabel: a list of labels per example "
                                       "(sigmoid outputs); regression: one or more continuous targets; segmentation: "
                                       "a class per pixel, from image + mask pairs")
     ignore_index: int = Field(255, ge=0, description="segmentation: mask value of pixels that count nowhere")
+    score_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="detection: boxes `predict` reports score above "
+                                                                    "this (metrics use every box)")
     normalize_targets: bool = Field(True, description="regression: train on targets scaled to mean 0, std 1 (by the "
                                                       "training split); predictions come back in the data's units")
     threshold: float | Literal["tune"] = Field(
@@ -224,10 +232,11 @@ class EvalSpec(Section):
     early_stopping: EarlyStoppingSpec | None = None
     metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
                     "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
-                    "precision_micro", "recall_micro", "exact_match", "mean_iou", "mean_dice", "pixel_accuracy"
-                    ] | None = Field(
+                    "precision_micro", "recall_micro", "exact_match", "mean_iou", "mean_dice", "pixel_accuracy",
+                    "map", "map_50"] | None = Field(
         None, description="validation metric that picks the best model (and drives early stopping); default: "
-                          "accuracy (classification), rmse (regression), f1_micro (multilabel), mean_iou (segmentation)")
+                          "accuracy (classification), rmse (regression), f1_micro (multilabel), mean_iou "
+                          "(segmentation), map_50 (detection)")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse and mae, else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
@@ -240,6 +249,7 @@ TASK_METRICS = {
     "multilabel": ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "precision_macro", "recall_macro",
                    "auc_roc", "exact_match", "loss"),
     "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
+    "detection": ("map_50", "map", "mean_iou", "loss"),
 }
 
 
@@ -277,7 +287,7 @@ class Recipe(Section):
         # Resolved here, once, so every reader of the recipe (and the saved recipe.yaml) sees the same choice.
         kind = self.task.type
         metric = self.eval.metric or {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro",
-                                      "segmentation": "mean_iou"}[kind]
+                                      "segmentation": "mean_iou", "detection": "map_50"}[kind]
         allowed = TASK_METRICS[kind]
         if metric not in allowed:
             raise ValueError(f"eval.metric {metric} is not computed for task.type {kind}; choose one of {', '.join(allowed)}")
@@ -297,6 +307,19 @@ class Recipe(Section):
                 raise ValueError("data.augment moves pixels but not the masks; task.type segmentation cannot use it yet")
         elif self.data.format == "image-masks":
             raise ValueError("data.format image-masks is for task.type segmentation")
+        boxes = ("boxes-csv", "voc", "coco")
+        if kind == "detection":
+            if self.data.format not in ("auto", *boxes):
+                raise ValueError(f"task.type detection reads data.format boxes-csv, voc or coco, not {self.data.format}")
+            self.data.format = "boxes-csv" if self.data.format == "auto" else self.data.format
+            augment = self.data.augment
+            unsupported = [k for k in ("rotation", "shear", "random_erasing", "mixup", "cutmix", "color_jitter")
+                           if getattr(augment, k)]
+            if unsupported:
+                raise ValueError(f"data.augment.{unsupported[0]}: detection moves boxes with horizontal_flip, "
+                                 "width_shift, height_shift and zoom only")
+        elif self.data.format in boxes:
+            raise ValueError(f"data.format {self.data.format} is for task.type detection")
         mixing = [key for key in ("mixup", "cutmix") if getattr(self.data.augment, key, 0)]
         if kind != "classification" and mixing:
             raise ValueError(f"data.augment.{mixing[0]} blends labels of classes; task.type {kind} cannot use it")

@@ -186,7 +186,9 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         raise ResumeError([f"the label set changed since {run_dir} was trained ({saved_labels} -> {data.labels}); "
                            "a resumed run cannot change its classes: start a new run"])
     task = make_task(recipe, data)
-    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length, data.kind)
+    boxes_moved = box_augmenter(recipe, data, loaded)
+    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length, data.kind,
+                                   data.labels, boxes_moved if name == "train" else None)
                 for name, split in data.splits.items()}
     for split in data.splits.values():  # tokenised into memory-mapped arrays: the raw texts need not stay in memory
         split.texts = split.text_pairs = None
@@ -207,8 +209,8 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         enable_gradient_checkpointing(loaded)
     prefix, why_not = choose_prefix(recipe.train.cache_features, plan, loaded.model, tools.augment is not None,
                                     accelerator.num_processes)
-    if data.kind == "segmentation":  # its batches carry masks, which the cache does not store
-        prefix, why_not = None, "the feature cache does not store segmentation masks"
+    if data.kind in ("segmentation", "detection"):  # their batches carry masks or boxes, which the cache does not store
+        prefix, why_not = None, f"the feature cache does not store {data.kind} targets"
     if recipe.train.cache_features is True and prefix is None:
         raise RecipeError([f"train.cache_features is true but there is nothing to cache: {why_not}; "
                            "set it to auto (cache when possible) or false"])
@@ -338,6 +340,13 @@ def _train_target_summary(data: TaskData) -> dict:
     """For the model card: examples per class (per label for multilabel), or each target's mean and range."""
     if data.kind == "segmentation":  # pixel counts would mean reading every mask again
         return {"train_images": len(data.splits["train"])}
+    if data.kind == "detection":
+        counts = {name: 0 for name in data.labels}
+        for boxes in data.splits["train"].labels:
+            for box in boxes:
+                counts[box[0]] += 1
+        return {"train_class_counts": dict(zip(data.label_names, counts.values())),
+                "train_images": len(data.splits["train"])}
     targets = torch.tensor(data.targets("train"))
     if data.kind == "regression":
         return {"train_targets": {name: {"mean": float(column.mean()), "min": float(column.min()), "max": float(column.max())}
@@ -355,10 +364,20 @@ def _plateau(recipe: Recipe, data: TaskData) -> PlateauState | None:
     return PlateauState(recipe.optim.schedule, recipe.eval.mode)
 
 
+def box_augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel):
+    """Detection: flips, shifts and zooms that move the boxes with the pixels, applied per training image."""
+    if data.kind != "detection" or not recipe.data.augment.is_active:
+        return None
+    from tuneforge.data.detection import BoxAugmenter
+
+    return BoxAugmenter(recipe.data.augment, loaded.preprocessor.image_mean, loaded.preprocessor.image_std)
+
+
 def make_augmenter(recipe: Recipe, data: TaskData, loaded: LoadedModel, device):
-    """Batch augmentation for training batches only (evaluation never sees it)."""
+    """Batch augmentation for training batches only (evaluation never sees it). Detection augments in its
+    dataset instead (box_augmenter), since boxes must move with the pixels."""
     spec = recipe.data.augment
-    if not spec.is_active:
+    if not spec.is_active or data.kind == "detection":
         return None
     if data.modality != "image":
         raise RecipeError(["data.augment applies to images; this data is text"])

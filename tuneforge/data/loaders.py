@@ -208,9 +208,15 @@ def balanced_weights(targets: list[int]) -> list[float]:
     return [1.0 / counts[label] for label in targets]
 
 
-def make_dataset(split: Split, targets: list, preprocessor, max_length: int, kind: str = "classification") -> Dataset:
+def make_dataset(split: Split, targets: list, preprocessor, max_length: int, kind: str = "classification",
+                 labels: list[str] | None = None, augment=None) -> Dataset:
+    """`labels` and `augment` (a box-aware augmenter for a training split) are for detection."""
     if kind == "segmentation":
         return SegmentationDataset(split, targets, preprocessor)
+    if kind == "detection":
+        from tuneforge.data.detection import DetectionDataset
+
+        return DetectionDataset(split, targets, preprocessor, {label: i for i, label in enumerate(labels)}, augment)
     if split.image_paths is not None:
         return ImageDataset(split, targets, preprocessor)
     return TextDataset(split, targets, preprocessor, max_length)
@@ -221,8 +227,8 @@ def loader_workers(setting: int | str, dataset: Dataset) -> int:
     training); text is tokenised up front and cached features are already decoded, so workers would only add IPC."""
     if setting != "auto":
         return setting
-    if not isinstance(dataset, (ImageDataset, SegmentationDataset)):
-        return 0
+    if not isinstance(dataset, (ImageDataset, SegmentationDataset)) and not hasattr(dataset, "processor"):
+        return 0  # (a DetectionDataset has a processor: it decodes images too)
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 

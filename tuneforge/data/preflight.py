@@ -39,8 +39,8 @@ def encode_targets(kind: str, values: list, labels: list[str], separator: str) -
     a multi-hot list (multilabel), or the target values as floats (regression)."""
     if kind == "regression":
         return [[float(v) for v in (value if isinstance(value, tuple) else (value,))] for value in values]
-    if kind == "segmentation":
-        return list(values)  # mask files, read with their images
+    if kind in ("segmentation", "detection"):
+        return list(values)  # mask files, or boxes: the datasets read them with their images
     index = {label: i for i, label in enumerate(labels)}
     if kind == "multilabel":
         encoded = []
@@ -161,8 +161,8 @@ def check_targets(split: Split, kind: str, labels: list[str] | None, separator: 
                if not all(number(v) for v in (value if isinstance(value, tuple) else (value,)))]
         return [f"{split.name}: {len(bad)} target value(s) in column(s) {column} are missing or not numbers at "
                 f"{_listing(bad)}; fix or remove those rows"] if bad else []
-    if kind == "segmentation":
-        return []  # masks are checked by _segmentation_data, which reads them
+    if kind in ("segmentation", "detection"):
+        return []  # masks and boxes are checked by segmentation_data and detection_data
     if kind == "multilabel":
         if labels is None:
             return []
@@ -225,6 +225,8 @@ def load_task_data(data_spec, task_spec) -> TaskData:
         return _multilabel_data(splits, task_spec, data_spec, modality, notes, problems)
     if kind == "segmentation":
         return segmentation_data(splits, task_spec, data_spec, notes, problems)
+    if kind == "detection":
+        return detection_data(splits, task_spec, data_spec, notes, problems)
 
     train_labels = sorted({label_key(v) for v in splits["train"].labels if not _missing(v)}, key=_natural)
     labels = list(task_spec.labels) if task_spec.labels else train_labels
@@ -288,32 +290,59 @@ def segmentation_data(splits: dict, task_spec, data_spec, notes: list[str], prob
     labels = list(task_spec.labels) if task_spec.labels else [str(v) for v in range(max(found, default=0) + 1)]
     for name, split in splits.items():
         bad = []
-        for row, (problem, values) in zip(split.rows, facts[name]):
+        for index, (problem, values) in enumerate(facts[name]):
             unknown = sorted(v for v in values if v != ignore and not 0 <= v < len(labels))
             if problem is None and unknown:
                 problem = (f"class value(s) {unknown[:5]} outside the label map (0 to {len(labels) - 1}, ignore index "
                            f"{ignore})")
             if problem:
-                bad.append((row, problem))
-        if not bad:
-            continue
-        if data_spec.drop_bad_annotations:
-            bad_rows = {row for row, _ in bad}
-            keep = [i for i, row in enumerate(split.rows) if row not in bad_rows]
-            kept = split.select(keep)
-            split.labels, split.rows, split.image_paths = kept.labels, kept.rows, kept.image_paths
-            notes.append(f"{name}: dropped {len(bad)} image(s) with bad masks: {_listing([row for row, _ in bad])}")
-            if not len(split):
-                problems.append(f"{name}: no image is left after dropping those with bad masks")
-        else:
-            details = "; ".join(f"{row}: {problem}" for row, problem in bad[:SHOWN])
-            more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
-            problems.append(f"{name}: {len(bad)} image(s) with bad masks: {details}{more}; fix them or set "
-                            "data.drop_bad_annotations: true")
+                bad.append((index, problem))
+        _drop_or_report(split, bad, "image(s) with bad masks", data_spec.drop_bad_annotations, notes, problems)
     if problems:
         raise DataError(problems)
     names = list(task_spec.label_names) if task_spec.label_names else labels
     return TaskData(splits, labels, names, "image", notes, "segmentation")
+
+
+def _drop_or_report(split: Split, bad: list[tuple[int, str]], what: str, drop: bool, notes: list[str],
+                    problems: list[str]) -> None:
+    """`bad`: (example position, problem) pairs. Drop those examples and note how many, or report them
+    with where they come from and the image's name."""
+    if not bad:
+        return
+    offending = sorted({index for index, _ in bad})
+    if drop:
+        names = [split.image_paths[i].name for i in offending]
+        kept = split.select([i for i in range(len(split)) if i not in set(offending)])
+        split.labels, split.rows, split.image_paths, split.sizes = kept.labels, kept.rows, kept.image_paths, kept.sizes
+        notes.append(f"{split.name}: dropped {len(offending)} {what}: {_listing(names)}")
+        if not len(split):
+            problems.append(f"{split.name}: no image is left after dropping the {what}")
+        return
+    details = "; ".join(f"{split.rows[i]}{'' if split.rows[i].endswith(split.image_paths[i].name) else f' ({split.image_paths[i].name})'}"
+                        f": {problem}" for i, problem in bad[:SHOWN])
+    more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+    problems.append(f"{split.name}: {len(offending)} {what}: {details}{more}; fix them or set "
+                    "data.drop_bad_annotations: true")
+
+
+def detection_data(splits: dict, task_spec, data_spec, notes: list[str], problems: list[str]) -> TaskData:
+    """Boxes inside their image, of positive area, of known classes (train's, or task.labels). With
+    data.drop_bad_annotations, images with a bad box are left out and counted."""
+    from tuneforge.data.detection import box_problems
+
+    first = next(iter(splits))  # train when training; the one split being evaluated otherwise
+    seen = sorted({box[0] for boxes in splits[first].labels for box in boxes}, key=_natural)
+    labels = list(task_spec.labels) if task_spec.labels else seen
+    for split in splits.values():
+        _drop_or_report(split, box_problems(split, labels), "image(s) with bad boxes", data_spec.drop_bad_annotations,
+                        notes, problems)
+    if not labels and not problems:
+        problems.append(f"{first}: no boxes at all; detection needs annotated objects to learn from")
+    if problems:
+        raise DataError(problems)
+    names = list(task_spec.label_names) if task_spec.label_names else labels
+    return TaskData(splits, labels, names, "image", notes, "detection")
 
 
 def _natural(label: str):

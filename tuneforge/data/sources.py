@@ -33,6 +33,7 @@ class Split:
     text_pairs: list | None = None
     image_paths: list[Path] | None = None
     problems: list[str] = field(default_factory=list)
+    sizes: list | None = None  # detection: each image's (width, height) as its annotation states it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,7 +42,7 @@ class Split:
         pick = lambda values: None if values is None else [values[i] for i in indices]
         return Split(
             self.name, self.source, pick(self.labels), pick(self.rows),
-            pick(self.texts), pick(self.text_pairs), pick(self.image_paths), list(self.problems),
+            pick(self.texts), pick(self.text_pairs), pick(self.image_paths), list(self.problems), pick(self.sizes),
         )
 
 
@@ -210,6 +211,12 @@ def read_split(name: str, location: str, spec, require_labels: bool = True) -> S
     path = Path(location).expanduser()
     if spec.format == "image-masks":
         return read_mask_split(name, path, require_labels)
+    if spec.format in ("boxes-csv", "voc", "coco"):
+        from tuneforge.data.detection import read_detection_split
+
+        if not require_labels:  # inputs to predict: images (a folder of them, or one)
+            return read_image_split(name, path, require_labels=False)
+        return read_detection_split(name, location, spec)
     if infer_format(path, spec.format) == "imagefolder" or path.suffix.lower() in IMAGE_SUFFIXES:
         return read_image_split(name, path, require_labels)
     return read_text_split(name, path, spec, require_labels)

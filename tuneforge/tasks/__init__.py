@@ -12,11 +12,12 @@ import torch
 
 from tuneforge.errors import RecipeError
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
+from tuneforge.tasks.detection import DetectionTask
 from tuneforge.tasks.multilabel import MultiLabelTask
 from tuneforge.tasks.regression import RegressionTask
 from tuneforge.tasks.segmentation import SegmentationTask
 
-Task = ClassificationTask | RegressionTask | MultiLabelTask | SegmentationTask
+Task = ClassificationTask | RegressionTask | MultiLabelTask | SegmentationTask | DetectionTask
 
 
 def make_task(recipe, data) -> Task:
@@ -28,6 +29,8 @@ def make_task(recipe, data) -> Task:
         return MultiLabelTask(data.label_names, 0.5 if spec.threshold == "tune" else spec.threshold)
     if spec.type == "segmentation":
         return SegmentationTask(data.label_names, spec.ignore_index)
+    if spec.type == "detection":
+        return DetectionTask(data.label_names, spec.score_threshold)
     weights = spec.class_weights
     if weights == "balanced":
         weights = balanced_class_weights(data.targets("train"), len(data.labels))
@@ -48,4 +51,6 @@ def task_from_info(info: dict) -> Task:
         return MultiLabelTask(names, info["threshold"])
     if kind == "segmentation":
         return SegmentationTask(names, info["ignore_index"])
+    if kind == "detection":
+        return DetectionTask(names, info["score_threshold"])
     return ClassificationTask(names)

@@ -89,6 +89,11 @@ class SegmentationTask(TaskBase):
                             "class_fractions": {name: round(float(c), 6) for name, c in zip(self.label_names, counts)}})
         return results
 
+    def predict(self, outputs, items: list) -> list[dict]:
+        """Each mask at its own image's size."""
+        return [self.predictions(outputs.logits[i:i + 1], size=(image.height, image.width))[0]
+                for i, image in enumerate(items)]
+
     def csv_header(self) -> list[str]:
         return [f"fraction_{name}" for name in self.label_names]
 
