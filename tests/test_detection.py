@@ -54,6 +54,51 @@ def _write_csv_split(root, count: int, seed: int):
     return root / "boxes.csv"
 
 
+def _detector_config(family: str):
+    from transformers import ConditionalDetrConfig, DetrConfig, ResNetConfig, YolosConfig
+
+    if family == "yolos":
+        return YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=[64, 64], patch_size=8, num_detection_tokens=10, num_labels=3)
+    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                            out_features=["stage2"])  # transformers' own ResNet: no timm, no torchvision
+    config = DetrConfig if family == "detr" else ConditionalDetrConfig
+    return config(use_timm_backbone=False, backbone_config=backbone, backbone=None, use_pretrained_backbone=False,
+                  d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=3)
+
+
+@pytest.mark.parametrize("family", ["detr", "conditional-detr", "yolos"])
+def test_each_detector_family_gets_a_new_class_head_and_one_step_lowers_its_loss(family, tmp_path):
+    from transformers import AutoModelForObjectDetection
+
+    from tuneforge.data.loaders import make_dataset
+    from tuneforge.data.preflight import load_task_data
+    from tuneforge.models import load_model
+    from tuneforge.recipe import load_recipe
+
+    torch.manual_seed(0)
+    AutoModelForObjectDetection.from_config(_detector_config(family)).save_pretrained(tmp_path / "model")
+    recipe = load_recipe({"model": {"name": str(tmp_path / "model")}, "task": {"type": "detection"},
+                          "data": {"train": str(_write_csv_split(tmp_path / "train", 4, seed=1)), "image": {"size": 64}}})
+    data = load_task_data(recipe.data, recipe.task)
+    loaded = load_model(recipe.model, data.label_names, recipe.data.image, "detection")
+    dataset = make_dataset(data.splits["train"], data.targets("train"), loaded.preprocessor, 0, "detection", data.labels)
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    task = DetectionTask(data.label_names)
+    loaded.model.eval()
+    optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.01)
+    before = task.compute_loss(loaded.model, batch["inputs"], batch["labels"])
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        outputs = loaded.model(**batch["inputs"])
+        assert task.compute_loss(loaded.model, batch["inputs"], batch["labels"]) < before
+    found = task.detections(outputs, batch["sizes"])[0]
+    assert found["boxes"].shape == (10, 4) and found["labels"].max() < 2  # two classes: red, blue
+    assert ((found["scores"] >= 0) & (found["scores"] <= 1)).all()
+
+
 def test_map_and_matched_iou_equal_hand_computed_values():
     task = DetectionTask(["a", "b"])
     truth = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1])}]
@@ -152,26 +197,6 @@ def test_a_tiny_detector_trains_evaluates_and_predicts_boxes(tiny_yolos_dir, tmp
                        "augment": {"horizontal_flip": True}},
               "train": {"epochs": 2, "batch_size": 4, "seed": 0}, "optim": {"lr": 1.0e-3},
               "output": {"dir": str(tmp_path / "run")}}
-    # One step lowers the loss on a fixed batch.
-    from tuneforge.data.preflight import load_task_data
-    from tuneforge.models import load_model
-    from tuneforge.recipe import load_recipe
-    from tuneforge.data.loaders import make_dataset
-
-    parsed = load_recipe(recipe)
-    data = load_task_data(parsed.data, parsed.task)
-    loaded = load_model(parsed.model, data.label_names, parsed.data.image, "detection")
-    dataset = make_dataset(data.splits["train"], data.targets("train"), loaded.preprocessor, 0, "detection", data.labels)
-    batch = dataset.collate([dataset[i] for i in range(4)])
-    task = DetectionTask(data.label_names)
-    loaded.model.eval()
-    optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.01)
-    before = task.compute_loss(loaded.model, batch["inputs"], batch["labels"])
-    before.backward()
-    optimizer.step()
-    with torch.no_grad():
-        assert task.compute_loss(loaded.model, batch["inputs"], batch["labels"]) < before
-
     result = finetune(recipe)
     metrics = result.metrics
     assert {"map", "map_50", "mean_iou", "per_class"} <= set(metrics) and metrics["num_boxes"] == 9
@@ -184,6 +209,14 @@ def test_a_tiny_detector_trains_evaluates_and_predicts_boxes(tiny_yolos_dir, tmp
     count = predict_run(result.run_dir, tmp_path / "test" / "images", tmp_path / "boxes.jsonl", draw=tmp_path / "drawn")
     rows = [json.loads(line) for line in (tmp_path / "boxes.jsonl").read_text().splitlines()]
     assert count == 6 and "boxes" in rows[0] and Image.open(tmp_path / "drawn" / "s00.png").size == (64, 64)
+
+    from transformers import AutoModelForObjectDetection
+
+    from tuneforge.export import export_run
+
+    folder = export_run(result.run_dir, "hf", tmp_path / "hf").folder
+    assert AutoModelForObjectDetection.from_pretrained(folder).config.id2label == {0: "blue", 1: "red"}
+    assert "object detector" in (folder / "README.md").read_text()
 
 
 @requires_shared_data("raccoon", "data", "train_labels.csv")

@@ -1,6 +1,6 @@
 """Object detection with Hugging Face set-prediction detectors (DETR, Conditional DETR, YOLOS):
 the model computes its own matching loss from `labels`; boxes come out as (cx, cy, w, h) in
-[0, 1] with class logits over the classes plus "no object".
+[0, 1] with class logits (over the classes plus "no object" for DETR and YOLOS).
 
 Metrics are COCO's, from pycocotools (the reference implementation of COCO mAP; torchmetrics'
 MeanAveragePrecision needs torchvision, which this project keeps out of the core): mAP@[.5:.95],
@@ -50,8 +50,15 @@ class DetectionTask(TaskBase):
         return model(**inputs, labels=targets).loss
 
     def detections(self, outputs, sizes: torch.Tensor) -> list[dict]:
-        """Per image: every query's best real class, its probability and its box in the image's pixels."""
-        probabilities = outputs.logits.float().softmax(-1)[..., :-1]  # the last class is "no object"
+        """Per image: every query's best real class, its probability and its box in the image's pixels.
+
+        DETR and YOLOS score the classes plus "no object" with a softmax (one more logit than classes);
+        Conditional and Deformable DETR score each class on its own with a sigmoid (focal loss)."""
+        logits = outputs.logits.float()
+        if logits.shape[-1] == len(self.label_names) + 1:
+            probabilities = logits.softmax(-1)[..., :-1]  # the last class is "no object"
+        else:
+            probabilities = logits.sigmoid()
         scores, classes = probabilities.max(-1)
         found = []
         for score, label, box, (height, width) in zip(scores, classes, outputs.pred_boxes.float(), sizes.tolist()):
