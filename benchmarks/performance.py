@@ -292,10 +292,10 @@ def throughput(setup: Setup) -> str:
     if not setup.quick:
         suites["MiniLM-L6, 128 tokens, batch 32"]["tuneforge + train.compile"] = lambda: text_tuneforge(compile=True)
     for suite, contenders in suites.items():
-        times = {name: [] for name in contenders}
-        for _ in range(setup.repeats):  # interleaved: every repeat runs every contender once
-            for name, run in contenders.items():
-                times[name] += run()
+        times, names = {name: [] for name in contenders}, list(contenders)
+        for repeat in range(setup.repeats):  # interleaved: every repeat runs every contender once,
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # each first in turn
+                times[name] += contenders[name]()
         reference = statistics.median(times["plain PyTorch loop"])
         trainer = statistics.median(times["Hugging Face Trainer"])
         for name, values in times.items():
@@ -303,7 +303,8 @@ def throughput(setup: Setup) -> str:
             rows.append([suite, name, f"{median:.3f}", f"{32 / median:.1f}", f"{reference / median:.2f}x",
                          f"{trainer / median:.2f}x"])
     return table(["model", "contender", "s/step (median)", "examples/s", "vs plain loop", "vs Trainer"], rows,
-                 f"Medians over {setup.repeats} interleaved repeats of {steps} timed steps each (after a warm-up step); "
+                 f"Medians over {setup.repeats} interleaved repeats of {steps} timed steps each (after a warm-up step; "
+                 "the contenders' order rotates every repeat, so none always follows the same one); "
                  "a step is measured from the end of the previous one, so data loading counts. Ratios are "
                  "throughput ratios (higher is faster).")
 

@@ -214,7 +214,7 @@ def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[Load
 
     recipe = load_recipe(recipe_path, overrides)
     data = load_task_data(recipe.data, recipe.task)
-    loaded = load_model(recipe.model, data.label_names, recipe.data.image)
+    loaded = load_model(recipe.model, data.label_names, recipe.data.image, recipe.task.type)
     apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
     batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32  # auto is only known by probing
     updates_per_epoch, total = training_length(-(-len(data.splits["train"]) // batch), recipe.train)

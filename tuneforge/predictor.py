@@ -1,7 +1,7 @@
 """tuneforge.load(path): a trained model ready to predict, the one way predict, serve and the tests use a model.
 
     predictor = tuneforge.load("runs/sst2-minilm")        # a run directory or a model folder
-    predictor.predict("a gripping, funny film")          # {"label": "positive", "probabilities": {...}}
+    predictor.predict("a gripping, funny film")          # {"label": "positive", "probabilities": {...}} (classification)
     predictor.predict(["good", "bad"])                    # one result per input
 Images: a PIL image, a path, or bytes of an image file, alone or in a list.
 """
@@ -42,8 +42,9 @@ class Predictor:
                 "text_pairs": self.pairs, "adapter": self.loaded.base is not None}
 
     def predict(self, inputs):
-        """The task's prediction (classification: label and class probabilities; multilabel: labels and
-        probabilities; regression: the target values) for one input (a dict back) or a list of inputs (a list back)."""
+        """The task's prediction for one input (a dict back) or a list of inputs (a list back): classification
+        {label, probabilities}; multilabel {labels, probabilities}; regression {values}; segmentation {mask,
+        class_fractions} at the image's size; detection {boxes: [{label, score, box}]} in the image's pixels."""
         single = not isinstance(inputs, (list, tuple)) or (self.pairs and _is_pair(inputs))
         items = [inputs] if single else list(inputs)
         if not items:
