@@ -574,7 +574,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models and data: proves every path runs")
     parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated benchmark numbers")
     parser.add_argument("--output", type=Path, help="write the Markdown report here")
-    parser.add_argument("--repeats", type=int, default=4, help="benchmark 1: interleaved repeats per contender")
+    parser.add_argument("--repeats", type=int, default=8, help="benchmark 1: interleaved repeats per contender")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--text-model", help=argparse.SUPPRESS)
