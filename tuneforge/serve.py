@@ -114,8 +114,8 @@ def _run_summary(predictor: "Predictor") -> dict:
     if (run_dir / "eval.json").is_file():
         result = json.loads((run_dir / "eval.json").read_text())
         split = result.get("report_split")
-        summary["evaluation"] = {"split": split, **{k: result["splits"][split].get(k) for k in
-                                                    ("num_examples", "accuracy", "f1_macro", "auc_roc")}} if split else None
+        keys = ("num_examples", *predictor.task.summary_keys)  # the task's own headline metrics
+        summary["evaluation"] = {"split": split, **{k: result["splits"][split].get(k) for k in keys}} if split else None
         summary["train_seconds"] = result.get("train_seconds")
     if (run_dir / "recipe.yaml").is_file():
         import yaml

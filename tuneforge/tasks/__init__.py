@@ -46,7 +46,7 @@ def task_from_info(info: dict) -> Task:
     """The task a saved model folder was trained for, from its tuneforge.json."""
     kind, names = info.get("task", "classification"), info["label_names"]
     if kind == "regression":
-        return RegressionTask(names, info["target_mean"], info["target_std"], info["target_train_mean"])
+        return RegressionTask(names, info["target_mean"], info["target_std"], info.get("target_train_mean", info["target_mean"]))
     if kind == "multilabel":
         return MultiLabelTask(names, info["threshold"])
     if kind == "segmentation":
