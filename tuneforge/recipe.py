@@ -115,7 +115,7 @@ class TaskSpec(Section):
     type: Literal["classification", "regression", "multilabel", "segmentation", "detection"] = Field(
         "classification", description="classification: one label per example; multilabel: a list of labels per example "
                                       "(sigmoid outputs); regression: one or more continuous targets; segmentation: "
-                                      "a class per pixel, from image + mask pairs")
+                                      "a class per pixel, from image + mask pairs; detection: boxes with classes")
     ignore_index: int = Field(255, ge=0, description="segmentation: mask value of pixels that count nowhere")
     score_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="detection: boxes `predict` reports score above "
                                                                     "this (metrics use every box)")
