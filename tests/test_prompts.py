@@ -41,6 +41,12 @@ def _bert():
     return BertForSequenceClassification(BertConfig(hidden_size=32, vocab_size=50, **SMALL)).eval()
 
 
+def _roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    return RobertaForSequenceClassification(RobertaConfig(hidden_size=32, vocab_size=50, pad_token_id=0,
+                                                          **SMALL)).eval()
+
+
 def _distilbert():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
     return DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
@@ -73,7 +79,7 @@ def test_prefix_attention_is_softmax_over_prefix_and_keys():
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
 
 
-@pytest.mark.parametrize("build", [_bert, _distilbert], ids=["bert", "distilbert"])
+@pytest.mark.parametrize("build", [_bert, _roberta, _distilbert], ids=["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_text_families_take_both_and_padding_changes_nothing(build, method):
     torch.manual_seed(0)
