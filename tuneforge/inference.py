@@ -123,11 +123,10 @@ def _write_masks(predictor, split, folder: Path) -> list[dict]:
                 path = split.image_paths[index]
                 with Image.open(path) as image:
                     size = (image.height, image.width)
-                result = predictor.task.predictions(row_logits[None], size=size)[0]
-                mask = np.asarray(result.pop("mask"), dtype=np.uint8 if len(predictor.task.label_names) < 256 else np.int32)
+                mask = predictor.task.masks(row_logits[None], size=size)[0]
                 target = folder / f"{Path(path).stem}.png"
-                Image.fromarray(mask).save(target)
-                predictions[index] = {"mask_file": str(target), **result}
+                Image.fromarray(mask.numpy().astype(np.uint8 if len(predictor.task.label_names) < 256 else np.int32)).save(target)
+                predictions[index] = {"mask_file": str(target), "class_fractions": predictor.task.class_fractions(mask)}
     return [predictions[i] for i in range(len(split))]
 
 

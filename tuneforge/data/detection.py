@@ -132,6 +132,8 @@ class DetectionDataset(Dataset):
     form Hugging Face detection models take as `labels`. With `augment`, flips, shifts and zooms move
     the boxes with the pixels (kornia), and boxes pushed out of the image are clipped or dropped."""
 
+    decodes_images = True
+
     def __init__(self, split: Split, boxes: list, image_processor, label_index: dict[str, int], augment=None):
         self.paths, self.boxes, self.processor = split.image_paths, boxes, image_processor
         self.label_index, self.augment = label_index, augment

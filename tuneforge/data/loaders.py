@@ -97,6 +97,8 @@ def load_rgb(path) -> Image.Image:
 class ImageDataset(Dataset):
     """Images are decoded when a batch asks for them (once per epoch at most)."""
 
+    decodes_images = True  # loader_workers gives it worker processes
+
     def __init__(self, split: Split, targets: list, image_processor):
         self.paths = split.image_paths
         self.targets = targets
@@ -121,6 +123,8 @@ class ImageDataset(Dataset):
 class SegmentationDataset(Dataset):
     """Image + mask pairs: the image through the model's processor, the mask resized to the same size
     with nearest-neighbour sampling (class indices must never be blended)."""
+
+    decodes_images = True
 
     def __init__(self, split: Split, masks: list, image_processor):
         self.paths, self.masks, self.image_processor = split.image_paths, masks, image_processor
@@ -227,8 +231,8 @@ def loader_workers(setting: int | str, dataset: Dataset) -> int:
     training); text is tokenised up front and cached features are already decoded, so workers would only add IPC."""
     if setting != "auto":
         return setting
-    if not isinstance(dataset, (ImageDataset, SegmentationDataset)) and not hasattr(dataset, "processor"):
-        return 0  # (a DetectionDataset has a processor: it decodes images too)
+    if not getattr(dataset, "decodes_images", False):
+        return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 

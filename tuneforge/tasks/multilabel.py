@@ -63,7 +63,9 @@ class MultiLabelTask(TaskBase):
 
     def tune(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The threshold with the best micro F1 on these examples (the lowest of equals); it becomes the task's."""
-        scores = [(self.metrics(logits, targets, t)["f1_micro"], -t) for t in THRESHOLDS]
+        probabilities, targets, k = logits.float().sigmoid(), targets.long(), len(self.label_names)
+        scores = [(float(tmf.multilabel_f1_score(probabilities, targets, k, threshold=t, average="micro")), -t)
+                  for t in THRESHOLDS]
         self.threshold = -max(scores)[1]
         return self.threshold
 

@@ -78,16 +78,17 @@ class SegmentationTask(TaskBase):
                 "mean_dice": mean(defined("dice")), "pixel_accuracy": float(tp.sum()) / total if total else None,
                 "per_class": per_class}
 
+    def masks(self, logits: torch.Tensor, size=None) -> torch.Tensor:
+        """The class of every pixel, at `size` ((height, width)) or the logits' own resolution."""
+        return (self._upsampled(logits, size) if size is not None else logits.float()).argmax(1)
+
+    def class_fractions(self, mask: torch.Tensor) -> dict[str, float]:
+        counts = torch.bincount(mask.flatten(), minlength=len(self.label_names)).double() / mask.numel()
+        return {name: round(float(c), 6) for name, c in zip(self.label_names, counts)}
+
     def predictions(self, logits: torch.Tensor, size=None) -> list[dict]:
-        """Per example the class of every pixel (at `size`, (height, width), or the logits' own resolution)
-        and the share of pixels each class takes."""
-        predicted = (self._upsampled(logits, size) if size is not None else logits.float()).argmax(1)
-        results = []
-        for mask in predicted:
-            counts = torch.bincount(mask.flatten(), minlength=len(self.label_names)).double() / mask.numel()
-            results.append({"mask": mask.tolist(),
-                            "class_fractions": {name: round(float(c), 6) for name, c in zip(self.label_names, counts)}})
-        return results
+        """Per example the class of every pixel and the share of pixels each class takes."""
+        return [{"mask": mask.tolist(), "class_fractions": self.class_fractions(mask)} for mask in self.masks(logits, size)]
 
     def predict(self, outputs, items: list) -> list[dict]:
         """Each mask at its own image's size."""
