@@ -128,6 +128,12 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
     if task == "detection" and fmt != "hf":
         raise ModelError([f"--format {fmt} exports a model's logits only; a detection model also outputs boxes, which "
                           "these formats do not carry yet: export it with --format hf"])
+    if task in ("seq2seq", "captioning", "causal_lm", "qa") and fmt != "hf":
+        why = ("answers come from start and end logits over windows of the context" if task == "qa" else
+               "its text comes from a generation loop around the model, not from one forward pass")
+        raise ModelError([f"--format {fmt} exports one forward pass to logits; a {task} model's {why}, which the "
+                          "export does not carry yet: export it with --format hf (transformers' pipelines and "
+                          "generate() read it)"])
     if fmt == "hf" and loaded.base is not None and not AdapterSpec(**loaded.base["adapter"]).mergeable:
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])

@@ -19,9 +19,16 @@ SUMMARY_METRICS = {
     "regression": ("rmse", "mae", "r2", "baseline_rmse", "baseline_r2", "loss"),
     "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
     "detection": ("map_50", "map", "mean_iou", "loss"),
+    "seq2seq": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss"),
+    "captioning": ("bleu", "chrf", "rougeL", "meteor", "loss"),
+    "qa": ("exact_match", "f1", "loss"),
+    "causal_lm": ("perplexity", "loss"),
 }
 WHAT = {"classification": "classifier", "multilabel": "multi-label classifier", "regression": "regression model",
-        "segmentation": "semantic segmentation model", "detection": "object detector"}
+        "segmentation": "semantic segmentation model", "detection": "object detector",
+        "seq2seq": "sequence-to-sequence model", "captioning": "image captioning model",
+        "qa": "extractive question answering model", "causal_lm": "language model"}
+TEXT_TASKS = ("seq2seq", "captioning", "qa", "causal_lm")
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -127,7 +134,7 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
              in enumerate(zip(info["label_names"], info["target_mean"], info["target_std"]))])
         lines += ["", "The network learned the targets scaled to mean 0 and std 1 by the values above; tuneforge and "
                   "every exported format give predictions in the data's own units."]
-    else:
+    elif kind not in TEXT_TASKS:
         lines += ["### Labels", ""] + _table(
             ["output index" if kind == "multilabel" else "class index", "label value", "name"],
             [[i, value, name] for i, (value, name) in enumerate(zip(info["label_values"], info["label_names"]))])
@@ -194,7 +201,9 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     purpose = {"classification": "Assigning one of the labels above to", "multilabel": "Assigning any of the labels "
                "above (none, one or several) to", "regression": "Predicting the targets above for",
                "segmentation": "Assigning one of the classes above to every pixel of",
-               "detection": "Finding and boxing objects of the classes above in"}[kind]
+               "detection": "Finding and boxing objects of the classes above in",
+               "seq2seq": "Writing the target text for", "captioning": "Describing in text",
+               "qa": "Finding the answer span of a question in the context of", "causal_lm": "Continuing"}[kind]
     lines += ["", "## Intended use", "",
               f"{purpose} {info['modality']} inputs like those of the training data "
               f"({sources}). Inputs must be prepared the same way: "
@@ -209,6 +218,13 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
 
 def _head(kind: str, info: dict) -> str:
     count = len(info["label_names"])
+    if kind in TEXT_TASKS:
+        return {"qa": "a new span head scoring each token as the answer's start and end",
+                "causal_lm": "the pretrained language-model head (next-token prediction)",
+                "seq2seq": "the pretrained decoder and language-model head",
+                "captioning": "a text decoder reading the vision encoder through cross-attention"}[kind] + (
+            f"; generation with beam width {info['num_beams']}, at most {info['max_new_tokens']} new tokens"
+            if "num_beams" in info else "")
     if kind == "regression":
         return f"a new regression head with {count} output(s), one per target"
     if kind == "multilabel":
@@ -221,6 +237,15 @@ def _head(kind: str, info: dict) -> str:
 
 
 def _limitations(kind: str, smallest: int | None, data: dict) -> list[str]:
+    if kind in TEXT_TASKS:
+        return {"qa": ["- It always answers with a span of the context, also when the context holds no answer "
+                       "(SQuAD v1.1 style)."],
+                "causal_lm": ["- Perplexity measures how well it predicts held-out text of the same kind, not whether "
+                              "what it writes is true or safe."],
+                "seq2seq": ["- BLEU, chrF, ROUGE and METEOR compare with the references word by word; a correct "
+                            "rewording scores lower than it deserves."],
+                "captioning": ["- BLEU, ROUGE and METEOR compare with the reference captions word by word; a correct "
+                               "but differently worded caption scores lower than it deserves."]}[kind]
     if kind == "regression":
         ranges = data.get("train_targets") or {}
         return ["- Targets in training ranged as listed under Training data; predictions outside that range are "

@@ -214,6 +214,8 @@ def load_hf_model(spec, labels: list[str], image_spec, task: str = "classificati
         config = AutoConfig.from_pretrained(name, **common)
     except (OSError, ValueError) as error:
         raise ModelError([f"model.name {spec.name!r}: cannot load a Hugging Face config ({first_line(error)})"]) from None
+    if task in TEXT_TASK_CLASSES:
+        return load_text_task_model(spec, image_spec, task, name, config, common)
     modality = _hf_modality(config)
     auto_class = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
     if task in ("segmentation", "detection"):
@@ -268,6 +270,141 @@ def load_hf_model(spec, labels: list[str], image_spec, task: str = "classificati
             defaults = None
         preprocessor = make_image_processor(image_spec, defaults)
     return LoadedModel(model, preprocessor, modality, head if spec.new_head else [], report)
+
+
+# ---------------------------------------------------------------- text tasks
+
+# task.type -> (transformers auto class, the mapping of model types it has, examples for the message)
+TEXT_TASK_CLASSES = {
+    "seq2seq": ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "T5, BART, Marian"),
+    "causal_lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "GPT-2, Llama"),
+    "qa": ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "BERT, RoBERTa, DistilBERT"),
+    "captioning": ("VisionEncoderDecoderModel", None, "a VisionEncoderDecoder folder, or model.name a vision encoder "
+                                                      "with model.decoder a text decoder"),
+}
+
+
+@dataclass
+class CaptionProcessor:
+    """Captioning's two preprocessors: pixels for the encoder, tokens for the decoder. Saved side by side in
+    one folder (preprocessor_config.json beside the tokenizer files), as transformers' own captioning models are."""
+
+    image_processor: object
+    tokenizer: object
+
+    def save_pretrained(self, folder) -> None:
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder, image_spec=None) -> CaptionProcessor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        image = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return cls(make_image_processor(image_spec, image) if image_spec is not None else image,
+                   AutoTokenizer.from_pretrained(folder))
+
+
+def text_head_prefixes(model: nn.Module, task: str) -> list[str]:
+    """QA: the new span classifier. Text generators: an `lm_head` with weights of its own; most (T5, BART, GPT-2)
+    tie it to the input embeddings, and then nothing new sits on top: the plan trains blocks, not a head."""
+    if task == "qa":
+        return _hf_head_prefixes(model)
+    own = {name for name, _ in model.named_parameters()}  # tied weights appear once, under their first name
+    return [name for name, _ in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "lm_head" and any(p.startswith(name + ".") for p in own)]
+
+
+def _set_special_tokens(model: nn.Module, tokenizer, task: str) -> None:
+    """Generation needs to know how a target starts, ends and is padded; decoder-only tokenizers often have no
+    pad token (GPT-2), and a fresh VisionEncoderDecoder knows none of the three."""
+    from tuneforge.data.text_tasks import pad_id
+
+    settings = {"pad_token_id": pad_id(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+    if task == "captioning":
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        settings["decoder_start_token_id"] = start
+    for target in (model.config, model.generation_config):
+        for key, value in settings.items():
+            if getattr(target, key, None) is None and value is not None:
+                setattr(target, key, value)
+
+
+def _load_captioning(spec, image_spec, name: str, common: dict) -> tuple[nn.Module, object, LoadReport]:
+    from transformers import AutoConfig, AutoImageProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    decoder = resolve_model_path(spec.decoder) if spec.decoder else None
+    if decoder is not None:  # a decoder that reads the image: transformers 5's configs no longer carry these by default
+        decoder_config = AutoConfig.from_pretrained(decoder, **common)
+        decoder_config.is_decoder, decoder_config.add_cross_attention = True, True
+    try:
+        if decoder is None and spec.pretrained:
+            model = VisionEncoderDecoderModel.from_pretrained(name, **common)
+            report = LoadReport(sorted(model.state_dict()), [], [])
+        elif decoder is None:
+            model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_pretrained(name, **common))
+            report = LoadReport([], sorted(model.state_dict()), [])
+        elif spec.pretrained:
+            model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(name, decoder, decoder_config=decoder_config)
+            # Only the cross-attention (and a projection between different widths) is new.
+            new = sorted(k for k in model.state_dict() if any(part in k for part in ("crossattention", "ln_cross_attn",
+                                                                                       "enc_to_dec_proj")))
+            report = LoadReport(sorted(set(model.state_dict()) - set(new)), new, [])
+        else:
+            config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(AutoConfig.from_pretrained(name, **common),
+                                                                             decoder_config)
+            model = VisionEncoderDecoderModel(config)
+            report = LoadReport([], sorted(model.state_dict()), [])
+    except ModelError:
+        raise
+    except Exception as error:  # a model that is no VisionEncoderDecoder, or a decoder without cross-attention support
+        raise ModelError([f"model.name {spec.name!r}{f' with model.decoder {spec.decoder!r}' if decoder else ''}: cannot "
+                          f"build a captioning model ({first_line(error)}); give a VisionEncoderDecoder folder, or a "
+                          "vision encoder as model.name and a text decoder (GPT-2, BERT) as model.decoder"]) from None
+    try:
+        defaults = AutoImageProcessor.from_pretrained(name, backend="pil", **common)
+    except (OSError, ValueError):
+        defaults = None
+    tokenizer = _load_tokenizer(spec.decoder or spec.name, decoder or name, model.config.decoder, common)
+    return model, CaptionProcessor(make_image_processor(image_spec, defaults), tokenizer), report
+
+
+def load_text_task_model(spec, image_spec, task: str, name: str, config, common: dict) -> LoadedModel:
+    """A pretrained model for seq2seq, causal_lm, qa or captioning, with the head the task needs."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    class_name, mapping, examples = TEXT_TASK_CLASSES[task]
+    if task == "captioning":
+        if config.model_type != "vision-encoder-decoder" and not spec.decoder:
+            raise ModelError([f"model.name {spec.name!r} is a {config.model_type} model; task.type captioning needs "
+                              "a VisionEncoderDecoder folder, or model.decoder naming a text decoder for this encoder"])
+        model, preprocessor, report = _load_captioning(spec, image_spec, name, common)
+        modality = "image"
+    else:
+        if config.model_type not in getattr(modeling_auto, mapping):
+            raise ModelError([f"model.name {spec.name!r} is a {config.model_type} model, which transformers has no "
+                              f"{task} model for; choose one of its kind ({examples})"])
+        auto_class = getattr(transformers, class_name)
+        if spec.pretrained:
+            try:
+                model, info = auto_class.from_pretrained(name, output_loading_info=True, **common)
+            except Exception as error:  # missing or damaged weights
+                raise ModelError([f"model.name {spec.name!r}: cannot load its weights ({first_line(error)})"]) from None
+            new = sorted(info["missing_keys"])
+            report = LoadReport(sorted(set(model.state_dict()) - set(new)), new, sorted(info["unexpected_keys"]))
+        else:
+            model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+            report = LoadReport([], sorted(model.state_dict()), [])
+        preprocessor = _load_tokenizer(spec.name, name, config, common)
+        modality = "text"
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    if task != "qa":
+        _set_special_tokens(model, tokenizer, task)
+    elif not getattr(tokenizer, "is_fast", False):
+        raise ModelError([f"model.name {spec.name!r}: task.type qa maps answers to characters with a fast tokenizer's "
+                          "offsets, and this model's tokenizer is a slow one; save a tokenizer.json with the model"])
+    return LoadedModel(model, preprocessor, modality, text_head_prefixes(model, task), report)
 
 
 # ---------------------------------------------------------------- factory models
@@ -339,6 +476,8 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
 
 def load_model(spec, labels: list[str], image_spec, task: str = "classification") -> LoadedModel:
     """The pretrained model with a new head for `labels` (task.type decides which head)."""
+    if spec.factory and task in TEXT_TASK_CLASSES:
+        raise ModelError([f"task.type {task} needs a Hugging Face model (model.name), not a factory model"])
     if spec.factory:
         if task == "segmentation":
             raise ModelError(["task.type segmentation needs a Hugging Face segmentation model (model.name), "
@@ -478,7 +617,8 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
 
     _quiet_transformers()
     config = json.loads((folder / "config.json").read_text())
-    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    names = config.get("id2label", {})  # text generators save none: they have no classes
+    labels = [names[str(i)] for i in range(len(names))]
     if (folder / ADAPTER_CONFIG).is_file():
         loaded = load_adapter_folder(folder, labels)
         if loaded.modality == "text":  # the saved tokenizer, in case the base's differs
@@ -493,6 +633,13 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
     modality = _hf_modality(AutoConfig.from_pretrained(folder))
     info = folder / "tuneforge.json"
     task = json.loads(info.read_text()).get("task") if info.is_file() else None
+    if task in TEXT_TASK_CLASSES:
+        import transformers
+
+        model = getattr(transformers, TEXT_TASK_CLASSES[task][0]).from_pretrained(folder)
+        processor = CaptionProcessor.from_pretrained(folder) if task == "captioning" else AutoTokenizer.from_pretrained(folder)
+        return LoadedModel(model, processor, "image" if task == "captioning" else "text", text_head_prefixes(model, task),
+                           LoadReport()), []
     if task in ("segmentation", "detection"):
         from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
 

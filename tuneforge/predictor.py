@@ -30,7 +30,7 @@ class Predictor:
         self.info = json.loads((self.folder / "tuneforge.json").read_text())
         self.loaded, self.labels = load_model_folder(self.folder)
         self.loaded.model.eval()
-        self.task = task_from_info(self.info)
+        self.task = task_from_info(self.info, self.loaded.preprocessor)
         self.modality = self.loaded.modality
         self.pairs = bool(self.info["data"].get("text_pair_column"))
         self.data_spec = DataSpec(**self.info["data"])  # the columns and format the model was trained on
@@ -45,19 +45,24 @@ class Predictor:
         """The task's prediction for one input (a dict back) or a list of inputs (a list back): classification
         {label, probabilities}; multilabel {labels, probabilities}; regression {values}; segmentation {mask,
         class_fractions} at the image's size; detection {boxes: [{label, score, box}]} in the image's pixels."""
-        single = not isinstance(inputs, (list, tuple)) or (self.pairs and _is_pair(inputs))
+        single = not isinstance(inputs, (list, tuple)) or ((self.pairs or self.task.name == "qa") and _is_pair(inputs))
         items = [inputs] if single else list(inputs)
         if not items:
             return []
         items = self.prepare(items)
         with torch.inference_mode():
-            results = self.task.predict(self.loaded.model(**self._batch(items)), items)
+            if hasattr(self.task, "predict_items"):  # generation, or QA's windows: the task runs the model itself
+                results = self.task.predict_items(self.loaded, items)
+            else:
+                results = self.task.predict(self.loaded.model(**self._batch(items)), items)
         return results[0] if single else results
 
     def prepare(self, items: list) -> list:
         """Every input checked, and images opened: a bad one is reported with its index before it joins a batch."""
         if self.modality == "image":
             return [_image(item, index) for index, item in enumerate(items)]
+        if self.task.name == "qa":
+            return [_question(item, index) for index, item in enumerate(items)]
         for index, item in enumerate(items):
             if not (_is_pair(item) if self.pairs else isinstance(item, str)):
                 raise DataError([f"input {index} must be a [text, pair] list of two strings" if self.pairs
@@ -80,6 +85,16 @@ class Predictor:
 
 def _is_pair(item) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+
+def _question(item, index: int) -> dict:
+    """A QA input: {"question": ..., "context": ...}, or a [question, context] pair."""
+    if _is_pair(item):
+        item = {"question": item[0], "context": item[1]}
+    if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in ("question", "context"))):
+        raise DataError([f"input {index} must be {{\"question\": text, \"context\": text}} or a [question, context] pair, "
+                         "both non-empty"])
+    return item
 
 
 def _image(item, index: int) -> Image.Image:

@@ -48,6 +48,9 @@ class ModelSpec(Section):
     revision: str | None = None
     allow_unsafe_pickle: bool = Field(False, description="load a weights file that needs full pickle (can run code)")
     freeze: FreezeSpec = FreezeSpec()
+    decoder: str | None = Field(None, description="captioning: a text decoder (e.g. GPT-2) joined to the vision encoder "
+                                                  "model.name by new cross-attention; without it model.name is a whole "
+                                                  "VisionEncoderDecoder model")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -70,8 +73,11 @@ class ImageSpec(Section):
 
 class DataSpec(Section):
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "imagefolder", "label-text", "image-masks",
-                    "boxes-csv", "voc", "coco"] = Field(
+                    "boxes-csv", "voc", "coco", "parallel", "squad", "text"] = Field(
         "auto", description="label-text: plain text, one example a line, the label, a space, then the text; "
+                            "parallel: aligned line files <stem>.<source_language>[.gz] and <stem>.<target_language>[.gz] "
+                            "(seq2seq; data.train names the stem); squad: SQuAD v1.1 JSON (qa; the default for it); "
+                            "text: plain text, one example a non-empty line (causal_lm); "
                             "image-masks: a folder with images/ and masks/ (segmentation; the default for it); "
                             "detection: boxes-csv (a box a row; the default for it), voc (a folder of XML files), "
                             "coco (a JSON file)")
@@ -81,11 +87,19 @@ class DataSpec(Section):
     validation: str | None = None
     test: str | None = None
     validation_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="split validation off train when no file is given")
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="split a test set off train when no file is "
+                                                                          "given (qa: whole articles, never shared)")
     split_seed: int = 0
     max_train_examples: int | None = Field(None, gt=0, description="seeded sample of the training split")
     max_validation_examples: int | None = Field(None, gt=0, description="seeded sample of the validation split")
     text_column: str = "text"
     text_pair_column: str | None = None
+    target_column: str | None = Field(None, description="seq2seq: the target text (default 'target'); captioning: the "
+                                                        "caption (default 'caption')")
+    source_language: str | None = Field(None, description="parallel: suffix of the source file (e.g. en)")
+    target_language: str | None = Field(None, description="parallel: suffix of the target file (e.g. de)")
+    prompt_column: str | None = Field(None, description="causal_lm: instruction format, the prompt column (no loss on it)")
+    response_column: str | None = Field(None, description="causal_lm: instruction format, the response column (the loss)")
     label_column: str | list[str] = Field(
         "label", description="the column with the label; regression: the column(s) with the target value(s)")
     label_separator: str = Field(",", min_length=1,
@@ -111,11 +125,20 @@ class DataSpec(Section):
         return self
 
 
+# Tasks whose model writes text: trained with the model's own token loss, judged on generated text (or perplexity).
+GENERATIVE_TASKS = ("seq2seq", "captioning", "causal_lm")
+# Tasks without classes: their data is read by tuneforge.data.text_tasks, not the label machinery.
+TEXT_TASKS = (*GENERATIVE_TASKS, "qa")
+
+
 class TaskSpec(Section):
-    type: Literal["classification", "regression", "multilabel", "segmentation", "detection"] = Field(
+    type: Literal["classification", "regression", "multilabel", "segmentation", "detection", "seq2seq", "qa",
+                  "captioning", "causal_lm"] = Field(
         "classification", description="classification: one label per example; multilabel: a list of labels per example "
                                       "(sigmoid outputs); regression: one or more continuous targets; segmentation: "
-                                      "a class per pixel, from image + mask pairs; detection: boxes with classes")
+                                      "a class per pixel, from image + mask pairs; detection: boxes with classes; "
+                                      "seq2seq: text to text (translation, summarisation); qa: extractive question "
+                                      "answering; captioning: image to text; causal_lm: language modelling")
     ignore_index: int = Field(255, ge=0, description="segmentation: mask value of pixels that count nowhere")
     score_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="detection: boxes `predict` reports score above "
                                                                     "this (metrics use every box)")
@@ -125,6 +148,15 @@ class TaskSpec(Section):
         "tune", description="multilabel: probability above which a label is predicted; tune: the one that maximises "
                             "micro F1 on the validation split (0.5 without one)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    source_prefix: str = Field("", description="seq2seq: text put before every source, e.g. T5's "
+                                               "'translate English to German: '")
+    max_target_length: int = Field(128, gt=0, description="seq2seq, captioning: token limit of target texts")
+    num_beams: int = Field(4, ge=1, description="seq2seq, captioning, causal_lm: beam search width when generating")
+    max_new_tokens: int = Field(64, ge=1, description="seq2seq, captioning, causal_lm: the most tokens one generation adds")
+    stride: int = Field(128, gt=0, description="qa: tokens shared by consecutive windows of a long context")
+    max_answer_length: int = Field(30, gt=0, description="qa: the longest answer span, in tokens")
+    packing: bool = Field(True, description="causal_lm: concatenate texts into blocks of model.max_length tokens "
+                                            "(false: one text an example, padded)")
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
     labels: list[str] | None = Field(None, description="label values in class-index order (default: sorted labels of train)")
@@ -152,6 +184,8 @@ class TaskSpec(Section):
             used = [key for key in ("label_smoothing", "class_weights") if getattr(self, key)]
             if used:
                 raise ValueError(f"{', '.join(used)} applies to task.type classification, not {self.type}")
+        if self.type in GENERATIVE_TASKS + ("qa",) and (self.labels is not None or self.class_weights is not None):
+            raise ValueError(f"task.labels and class weights name classes; task.type {self.type} has none")
         if self.type == "regression" and self.labels is not None:
             raise ValueError("task.labels names classes; a regression's targets are data.label_column")
         for key, values in (("labels", self.labels), ("label_names", self.label_names)):
@@ -233,11 +267,14 @@ class EvalSpec(Section):
     metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
                     "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
                     "precision_micro", "recall_micro", "exact_match", "mean_iou", "mean_dice", "pixel_accuracy",
-                    "map", "map_50"] | None = Field(
+                    "map", "map_50", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "f1",
+                    "perplexity"] | None = Field(
         None, description="validation metric that picks the best model (and drives early stopping); default: "
                           "accuracy (classification), rmse (regression), f1_micro (multilabel), mean_iou "
-                          "(segmentation), map_50 (detection)")
-    mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse and mae, else max")
+                          "(segmentation), map_50 (detection), bleu (seq2seq, captioning), f1 (qa), perplexity "
+                          "(causal_lm)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse, mae and perplexity, "
+                                                                 "else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
 
@@ -250,7 +287,14 @@ TASK_METRICS = {
                    "auc_roc", "exact_match", "loss"),
     "segmentation": ("mean_iou", "mean_dice", "pixel_accuracy", "loss"),
     "detection": ("map_50", "map", "mean_iou", "loss"),
+    "seq2seq": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss"),
+    "captioning": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss"),
+    "qa": ("f1", "exact_match", "loss"),
+    "causal_lm": ("perplexity", "loss"),
 }
+DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro", "segmentation": "mean_iou",
+                  "detection": "map_50", "seq2seq": "bleu", "captioning": "bleu", "qa": "f1", "causal_lm": "perplexity"}
+LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "perplexity")
 
 
 class OutputSpec(Section):
@@ -286,13 +330,12 @@ class Recipe(Section):
     def _task_settings(self) -> Recipe:
         # Resolved here, once, so every reader of the recipe (and the saved recipe.yaml) sees the same choice.
         kind = self.task.type
-        metric = self.eval.metric or {"classification": "accuracy", "regression": "rmse", "multilabel": "f1_micro",
-                                      "segmentation": "mean_iou", "detection": "map_50"}[kind]
+        metric = self.eval.metric or DEFAULT_METRIC[kind]
         allowed = TASK_METRICS[kind]
         if metric not in allowed:
             raise ValueError(f"eval.metric {metric} is not computed for task.type {kind}; choose one of {', '.join(allowed)}")
         self.eval.metric = metric
-        self.eval.mode = self.eval.mode or ("min" if metric in ("loss", "mse", "rmse", "mae") else "max")
+        self.eval.mode = self.eval.mode or ("min" if metric in LOWER_IS_BETTER else "max")
         if isinstance(self.data.label_column, list) and kind != "regression":
             raise ValueError("data.label_column is a list, which only task.type regression reads (one column a target)")
         if kind != "classification" and self.data.sampler == "balanced":
@@ -320,10 +363,46 @@ class Recipe(Section):
                                  "width_shift, height_shift and zoom only")
         elif self.data.format in boxes:
             raise ValueError(f"data.format {self.data.format} is for task.type detection")
+        self._text_task_data(kind)
         mixing = [key for key in ("mixup", "cutmix") if getattr(self.data.augment, key, 0)]
         if kind != "classification" and mixing:
             raise ValueError(f"data.augment.{mixing[0]} blends labels of classes; task.type {kind} cannot use it")
         return self
+
+    def _text_task_data(self, kind: str) -> None:
+        """The formats and columns of seq2seq, qa, captioning and causal_lm data, and their defaults."""
+        data, own = self.data, {"seq2seq": ("parallel",), "qa": ("squad",), "causal_lm": ("text",), "captioning": ()}
+        tables = ("auto", "csv", "tsv", "jsonl", "parquet")
+        for other, formats in own.items():
+            if other != kind and data.format in formats:
+                raise ValueError(f"data.format {data.format} is for task.type {other}")
+        if kind not in own:
+            for key in ("target_column", "source_language", "target_language", "prompt_column", "response_column",
+                        "test_fraction"):
+                if getattr(data, key) is not None:
+                    raise ValueError(f"data.{key} is for task.type seq2seq, qa, captioning or causal_lm, not {kind}")
+            if self.model.decoder:
+                raise ValueError("model.decoder is for task.type captioning")
+            return
+        if data.format not in (*tables, *own[kind]):
+            raise ValueError(f"task.type {kind} reads data.format {', '.join((*tables[1:], *own[kind]))}, not {data.format}")
+        if data.augment.is_active:
+            raise ValueError(f"data.augment is for image classification and detection, not task.type {kind}")
+        if kind == "qa" and data.format == "auto":
+            data.format = "squad"
+        if kind == "seq2seq":
+            data.target_column = data.target_column or "target"
+            if data.format == "parallel" and not (data.source_language and data.target_language):
+                raise ValueError("data.format parallel needs data.source_language and data.target_language (the files' "
+                                 "suffixes, e.g. en and de)")
+        if kind == "captioning":
+            data.target_column, data.image_column = data.target_column or "caption", data.image_column or "image"
+        if (data.prompt_column is None) != (data.response_column is None):
+            raise ValueError("the instruction format needs both data.prompt_column and data.response_column")
+        if data.prompt_column and kind != "causal_lm":
+            raise ValueError("data.prompt_column and data.response_column are for task.type causal_lm")
+        if self.model.decoder and kind != "captioning":
+            raise ValueError("model.decoder is for task.type captioning")
 
     @model_validator(mode="after")
     def _adapter_on_pretrained(self) -> Recipe:

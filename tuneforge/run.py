@@ -35,6 +35,7 @@ from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoi
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
+from tuneforge.data.text_tasks import make_text_task_dataset
 from tuneforge.errors import ModelError, RecipeError, ResumeError
 from tuneforge.feature_cache import FrozenPrefix, cache_splits, choose_prefix, remove_hooks
 from tuneforge.freeze import FreezePlan, build_plan
@@ -43,7 +44,7 @@ from tuneforge.loop import StepTools, fit, predict_logits
 from tuneforge.memory import find_batch_size
 from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, restore_saved_weights
 from tuneforge.optim import L2SP, build_optimizer
-from tuneforge.recipe import Recipe, load_recipe
+from tuneforge.recipe import TEXT_TASKS, Recipe, load_recipe
 from tuneforge.schedules import PlateauState
 from tuneforge.tasks import Task, make_task
 
@@ -141,7 +142,8 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool):
         for note in data.notes:
             console.print(f"[yellow]data:[/] {note}")
         sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
-        console.print(f"data: {data.modality}, {len(data.labels)} labels {data.label_names}; {sizes}")
+        labels = f"{len(data.labels)} labels {data.label_names}" if data.labels else data.kind
+        console.print(f"data: {data.modality}, {labels}; {sizes}")
         console.print(f"model: {loaded.report.summary()}")
     return data, loaded
 
@@ -185,11 +187,13 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
     if saved_labels is not None and saved_labels != data.labels:
         raise ResumeError([f"the label set changed since {run_dir} was trained ({saved_labels} -> {data.labels}); "
                            "a resumed run cannot change its classes: start a new run"])
-    task = make_task(recipe, data)
-    boxes_moved = box_augmenter(recipe, data, loaded)
-    datasets = {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length, data.kind,
-                                   data.labels, boxes_moved if name == "train" else None)
-                for name, split in data.splits.items()}
+    task = make_task(recipe, data, loaded.preprocessor)
+    datasets = make_datasets(recipe, data, loaded)
+    for name, dataset in datasets.items():  # e.g. overlong texts cut to the model's limit: counted, never a crash
+        for note in getattr(dataset, "notes", []):
+            data.notes.append(note)
+            if accelerator.is_main_process:
+                console.print(f"[yellow]data:[/] {note}")
     for split in data.splits.values():  # tokenised into memory-mapped arrays: the raw texts need not stay in memory
         split.texts = split.text_pairs = None
     groups = layer_groups(loaded.model, loaded.head_prefixes)
@@ -209,13 +213,23 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
         enable_gradient_checkpointing(loaded)
     prefix, why_not = choose_prefix(recipe.train.cache_features, plan, loaded.model, tools.augment is not None,
                                     accelerator.num_processes)
-    if data.kind in ("segmentation", "detection"):  # their batches carry masks or boxes, which the cache does not store
+    if data.kind not in ("classification", "regression", "multilabel"):  # masks, boxes, token targets: not cached
         prefix, why_not = None, f"the feature cache does not store {data.kind} targets"
     if recipe.train.cache_features is True and prefix is None:
         raise RecipeError([f"train.cache_features is true but there is nothing to cache: {why_not}; "
                            "set it to auto (cache when possible) or false"])
     return Assembly(data, loaded, task, sampler, train_loader, eval_loaders, groups, updates_per_epoch, total_steps,
                     plan, plateau, optimizer, scheduler, tools, datasets, prefix)
+
+
+def make_datasets(recipe: Recipe, data: TaskData, loaded: LoadedModel) -> dict:
+    if data.kind in TEXT_TASKS:
+        return {name: make_text_task_dataset(split, data.kind, loaded.preprocessor, recipe)
+                for name, split in data.splits.items()}
+    boxes_moved = box_augmenter(recipe, data, loaded)
+    return {name: make_dataset(split, data.targets(name), loaded.preprocessor, recipe.model.max_length, data.kind,
+                               data.labels, boxes_moved if name == "train" else None)
+            for name, split in data.splits.items()}
 
 
 def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator) -> list:
@@ -338,6 +352,8 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
 
 def _train_target_summary(data: TaskData) -> dict:
     """For the model card: examples per class (per label for multilabel), or each target's mean and range."""
+    if data.kind in TEXT_TASKS:
+        return {"train_examples": len(data.splits["train"])}
     if data.kind == "segmentation":  # pixel counts would mean reading every mask again
         return {"train_images": len(data.splits["train"])}
     if data.kind == "detection":

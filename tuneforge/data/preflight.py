@@ -39,8 +39,8 @@ def encode_targets(kind: str, values: list, labels: list[str], separator: str) -
     a multi-hot list (multilabel), or the target values as floats (regression)."""
     if kind == "regression":
         return [[float(v) for v in (value if isinstance(value, tuple) else (value,))] for value in values]
-    if kind in ("segmentation", "detection"):
-        return list(values)  # mask files, or boxes: the datasets read them with their images
+    if kind not in ("classification", "multilabel"):
+        return list(values)  # mask files, boxes, texts: the datasets read or tokenise them
     index = {label: i for i, label in enumerate(labels)}
     if kind == "multilabel":
         encoded = []
@@ -195,6 +195,10 @@ def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, 
 
 def load_task_data(data_spec, task_spec) -> TaskData:
     """Read every split the recipe names, check them all, and fix the label set."""
+    if task_spec.type in ("seq2seq", "qa", "captioning", "causal_lm"):  # no classes: their own readers and checks
+        from tuneforge.data.text_tasks import load_text_task_data
+
+        return load_text_task_data(data_spec, task_spec)
     problems, notes = [], []
     if not data_spec.train:
         raise DataError(["data.train is not set: give the training file or image folder"])

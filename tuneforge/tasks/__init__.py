@@ -13,16 +13,24 @@ import torch
 from tuneforge.errors import RecipeError
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 from tuneforge.tasks.detection import DetectionTask
+from tuneforge.tasks.generation import CausalLMTask, GenerationTask
 from tuneforge.tasks.multilabel import MultiLabelTask
 from tuneforge.tasks.regression import RegressionTask
+from tuneforge.tasks.qa import QATask
 from tuneforge.tasks.segmentation import SegmentationTask
 
-Task = ClassificationTask | RegressionTask | MultiLabelTask | SegmentationTask | DetectionTask
+Task = (ClassificationTask | RegressionTask | MultiLabelTask | SegmentationTask | DetectionTask | GenerationTask
+        | CausalLMTask | QATask)
 
 
-def make_task(recipe, data) -> Task:
-    """The recipe's task for this data (regression's scaling is fitted on the training split)."""
+def make_task(recipe, data, preprocessor=None) -> Task:
+    """The recipe's task for this data (regression's scaling is fitted on the training split). Tasks that read
+    or write text (seq2seq, captioning, causal_lm, qa) keep the model's tokenizer, from `preprocessor`."""
     spec = recipe.task
+    if spec.type in ("seq2seq", "captioning", "causal_lm", "qa"):
+        settings = {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens, "source_prefix": spec.source_prefix,
+                    "stride": spec.stride, "max_answer_length": spec.max_answer_length}
+        return text_task(spec.type, settings, preprocessor, recipe.model.max_length)
     if spec.type == "regression":
         return RegressionTask.fit(data.label_names, data.targets("train"), spec.normalize_targets)
     if spec.type == "multilabel":
@@ -42,8 +50,8 @@ def make_task(recipe, data) -> Task:
     return ClassificationTask(data.label_names, spec.label_smoothing, weights)
 
 
-def task_from_info(info: dict) -> Task:
-    """The task a saved model folder was trained for, from its tuneforge.json."""
+def task_from_info(info: dict, preprocessor=None) -> Task:
+    """The task a saved model folder was trained for, from its tuneforge.json (text tasks: with its tokenizer)."""
     kind, names = info.get("task", "classification"), info["label_names"]
     if kind == "regression":
         return RegressionTask(names, info["target_mean"], info["target_std"], info.get("target_train_mean", info["target_mean"]))
@@ -53,4 +61,16 @@ def task_from_info(info: dict) -> Task:
         return SegmentationTask(names, info["ignore_index"])
     if kind == "detection":
         return DetectionTask(names, info["score_threshold"])
+    if kind in ("seq2seq", "captioning", "causal_lm", "qa"):
+        return text_task(kind, info, preprocessor, info["max_length"])
     return ClassificationTask(names)
+
+
+def text_task(kind: str, settings: dict, preprocessor, max_length: int) -> Task:
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)  # captioning: (image processor, tokenizer)
+    if kind == "qa":
+        return QATask(tokenizer, max_length, settings["stride"], settings["max_answer_length"])
+    if kind == "causal_lm":
+        return CausalLMTask(tokenizer, settings["num_beams"], settings["max_new_tokens"], max_length)
+    return GenerationTask(kind, tokenizer, settings["num_beams"], settings["max_new_tokens"],
+                          settings.get("source_prefix", ""), max_length)

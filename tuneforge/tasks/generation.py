@@ -1,0 +1,175 @@
+"""Tasks whose model writes text: seq2seq (translation, summarisation), image captioning and causal
+language modelling. The model computes its own token loss from `labels` (padding and prompts are -100,
+which it skips); evaluation generates and scores the text (seq2seq, captioning) or turns the mean token
+loss into perplexity (causal_lm).
+
+Perplexity is exp(total negative log-likelihood / number of predicted tokens) over the whole split: every
+token counts once, whatever batch it sits in (a mean of per-batch perplexities would weigh short batches
+more). With packing, a block's first token has no context and is not predicted; the other tokens see only
+the context inside their block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tuneforge.data.text_tasks import IGNORE, pad_id
+from tuneforge.tasks.base import TaskBase
+from tuneforge.tasks.text_metrics import generation_scores
+
+SAMPLES = 5  # generated texts kept in eval.json beside their references, to read what the scores mean
+
+
+def _gather_objects(accelerator, values: list) -> list:
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.gather_for_metrics(values, use_gather_object=True)
+
+
+def _summed(accelerator, *values: float) -> list[float]:
+    """Sums over processes of per-process totals."""
+    total = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 else total.tolist()
+
+
+class GenerationTask(TaskBase):
+    """seq2seq and captioning: text generated with beam search, scored against the references."""
+
+    summary_keys = ("bleu", "chrf", "rougeL", "meteor", "loss")
+
+    def __init__(self, name: str, tokenizer=None, num_beams: int = 4, max_new_tokens: int = 64, source_prefix: str = "",
+                 max_length: int = 128):
+        self.name, self.tokenizer = name, tokenizer
+        self.num_beams, self.max_new_tokens, self.source_prefix, self.max_length = (num_beams, max_new_tokens,
+                                                                                     source_prefix, max_length)
+        self.label_names: list[str] = []
+
+    @property
+    def info(self) -> dict:
+        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "source_prefix": self.source_prefix}
+
+    def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        return model(**inputs, labels=targets).loss
+
+    def generate(self, model, inputs: dict) -> list[str]:
+        generated = model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def evaluate(self, model, loader, accelerator) -> dict:
+        model.eval()
+        generator = accelerator.unwrap_model(model)
+        texts, indices, loss, tokens = [], [], 0.0, 0
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for batch in loader:
+                with accelerator.autocast():
+                    outputs = model(**batch["inputs"], labels=batch["labels"])
+                    texts += self.generate(generator, batch["inputs"])
+                counted = int((batch["labels"] != IGNORE).sum())  # the model's loss is a mean over these tokens
+                loss, tokens = loss + float(outputs.loss) * counted, tokens + counted
+                indices += batch["index"].tolist()
+        texts, indices = _gather_objects(accelerator, texts), _gather_objects(accelerator, indices)
+        loss, tokens = _summed(accelerator, loss, tokens)
+        by_index = dict(zip(indices, texts))
+        order = _one_per_input(sorted(by_index), getattr(loader.dataset, "paths", None))
+        predictions = [by_index[i] for i in order]
+        references = [loader.dataset.references[i] for i in order]
+        return {**generation_scores(predictions, references), "loss": loss / max(tokens, 1),
+                "samples": [{"prediction": p, "references": r} for p, r in zip(predictions[:SAMPLES], references)]}
+
+    def predict_items(self, loaded, items: list) -> list[dict]:
+        """Generated text per source text (seq2seq) or image (captioning)."""
+        if self.name == "captioning":
+            processor = loaded.preprocessor.image_processor
+            inputs = {"pixel_values": torch.cat([processor(image, return_tensors="pt")["pixel_values"] for image in items])}
+        else:
+            inputs = dict(self.tokenizer([self.source_prefix + text for text in items], truncation=True,
+                                         max_length=self.max_length, padding=True, return_tensors="pt"))
+            inputs.pop("token_type_ids", None)
+        with torch.inference_mode():
+            return [{"text": text} for text in self.generate(loaded.model, inputs)]
+
+    def csv_header(self) -> list[str]:
+        return ["text"]
+
+    def csv_row(self, prediction: dict) -> list:
+        return [prediction["text"]]
+
+
+class CausalLMTask(TaskBase):
+    """Language modelling: the next-token loss; judged by perplexity; predicts continuations of a prompt."""
+
+    name = "causal_lm"
+    summary_keys = ("perplexity", "loss")
+
+    def __init__(self, tokenizer=None, num_beams: int = 1, max_new_tokens: int = 64, max_length: int = 128):
+        self.tokenizer, self.num_beams, self.max_new_tokens, self.max_length = tokenizer, num_beams, max_new_tokens, max_length
+        self.label_names: list[str] = []
+
+    @property
+    def info(self) -> dict:
+        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens}
+
+    def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        return model(**inputs, labels=targets).loss
+
+    def evaluate(self, model, loader, accelerator) -> dict:
+        model.eval()
+        total, tokens = 0.0, 0
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for batch in loader:
+                with accelerator.autocast():
+                    logits = model(**batch["inputs"]).logits
+                nll, counted = token_nll(logits, batch["labels"])
+                total, tokens = total + nll, tokens + counted
+        total, tokens = _summed(accelerator, total, tokens)
+        loss = total / max(tokens, 1)
+        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(tokens)}
+
+    def predict_items(self, loaded, items: list) -> list[dict]:
+        """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts."""
+        tokenizer = self.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        had_pad = tokenizer.pad_token is not None
+        if not had_pad:
+            tokenizer.pad_token = tokenizer.eos_token
+        try:
+            inputs = tokenizer(list(items), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+            if not had_pad:
+                tokenizer.pad_token = None
+        inputs.pop("token_type_ids", None)
+        with torch.inference_mode():
+            generated = loaded.model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                                              pad_token_id=pad_id(tokenizer))
+        new = generated[:, inputs["input_ids"].shape[1]:]
+        return [{"text": text} for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def csv_header(self) -> list[str]:
+        return ["text"]
+
+    def csv_row(self, prediction: dict) -> list:
+        return [prediction["text"]]
+
+
+def _one_per_input(indices: list[int], inputs: list | None) -> list[int]:
+    """Captioning has a row per (image, caption) and every caption of an image is a reference: score each image once."""
+    if inputs is None:
+        return indices
+    seen, kept = set(), []
+    for index in indices:
+        if inputs[index] not in seen:
+            seen.add(inputs[index])
+            kept.append(index)
+    return kept
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the count of predicted tokens (labels shifted by one;
+    -100 positions skipped)."""
+    predicted, targets = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1),
+                                            ignore_index=IGNORE, reduction="sum")
+    return float(nll), int((targets != IGNORE).sum())
