@@ -19,7 +19,7 @@ from tuneforge.data.preflight import TaskData
 from tuneforge.errors import TrainingError
 from tuneforge.freeze import FreezePlan
 from tuneforge.models import LoadedModel, save_model_folder
-from tuneforge.recipe import Recipe
+from tuneforge.recipe import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe
 from tuneforge.schedules import PlateauState, refresh_lr
 
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
@@ -56,7 +56,11 @@ def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Re
                 "label_names": data.label_names, "max_length": recipe.model.max_length, **task.info,
                 "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
                                                                       "label_column", "label_separator",
-                                                                      "image_column", "columns"})}
+                                                                      "image_column", "columns", "target_column",
+                                                                      "source_language", "target_language",
+                                                                      "prompt_column", "response_column"})}
+        if recipe.task.type in TEXT_TASKS:  # how its datasets were built, so `evaluate` builds them the same way
+            info["task_settings"] = recipe.task.model_dump(mode="json", include=TEXT_TASK_SETTINGS)
         (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
     replace_folder(folder, write)
 

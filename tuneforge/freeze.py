@@ -178,8 +178,10 @@ def _strategy_stages(spec: FreezeSpec, groups: list[LayerGroup]) -> list[tuple[S
     if spec.strategy in ("full", "bitfit"):
         return [(None, ["all"], 1.0)]
     if spec.strategy == "partial":
-        has_neck = any(g.name == "neck" for g in groups)
-        return [(None, [f"last:{spec.trainable_blocks}", *(["neck"] if has_neck else []), "head"], 1.0)]
+        has_neck, has_head = (any(g.name == name for g in groups) for name in ("neck", "head"))
+        # A text generator whose output layer is its (tied) input embedding has no head group of its own.
+        return [(None, [f"last:{spec.trainable_blocks}", *(["neck"] if has_neck else []), *(["head"] if has_head else [])],
+                 1.0)]
     if spec.strategy == "feature_extraction":  # the neck (e.g. BERT's pooler) is part of the feature head
         return [(None, [*(["neck"] if any(g.name == "neck" for g in groups) else []), "head"], 1.0)]
     if spec.strategy == "head_only":
@@ -201,9 +203,10 @@ def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[s
     if adapter_params is not None or spec.strategy == "bitfit":
         allowed = set(adapter_params or ()) | ({p for p in all_params if p.endswith(".bias")}
                                                 if spec.strategy == "bitfit" else set())
-    if spec.strategy != "full" and not any(g.name == "head" for g in groups):
-        problems.append("model.freeze: the model has no new head to train (model.new_head is false); use strategy full "
-                        "or name groups explicitly with strategy progressive")
+    if spec.strategy in ("head_only", "feature_extraction") and not any(g.name == "head" for g in groups):
+        problems.append(f"model.freeze: strategy {spec.strategy} trains a new head, and this model has none (model.new_head "
+                        "is false, or its output layer is tied to its input embeddings, as in T5, BART and GPT-2); use "
+                        "strategy full or partial, or name groups explicitly with strategy progressive")
     for index, (stage_spec, selectors, multiplier) in enumerate(_strategy_stages(spec, groups)):
         where = f"model.freeze.stages.{index}" if stage_spec else "model.freeze"
         try:

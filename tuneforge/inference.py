@@ -15,6 +15,7 @@ from tuneforge.data.sources import read_split
 from tuneforge.errors import DataError, ModelError
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, load_model_folder
+from tuneforge.recipe import TEXT_TASKS
 
 
 def model_folder(run: str | Path) -> Path:
@@ -44,6 +45,11 @@ def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = 
 
     predictor = load(run)
     info, spec, kind = predictor.info, predictor.data_spec, predictor.task.name
+    if kind in TEXT_TASKS:
+        metrics = predictor.task.evaluate(*_text_task_loader(predictor, data))
+        if output:
+            Path(output).write_text(json.dumps(metrics, indent=2))
+        return metrics
     split = read_split("evaluation", str(data), spec)
     problems = split.problems or check_split(split, spec, [], kind=kind)
     if kind == "classification":
@@ -58,6 +64,63 @@ def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = 
     if output:
         Path(output).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _text_task_loader(predictor, data: str | Path):
+    """A labelled file of a text task, read and checked as training read its splits, as an evaluation loader."""
+    from types import SimpleNamespace
+
+    from tuneforge.data.text_tasks import load_text_task_data, make_text_task_dataset
+    from tuneforge.recipe import TaskSpec
+
+    info = predictor.info
+    task_spec = TaskSpec(type=info["task"], **info["task_settings"])
+    data_spec = predictor.data_spec.model_copy(update={"train": str(data)})
+    split = load_text_task_data(data_spec, task_spec).splits["train"]
+    split.name = "evaluation"
+    recipe = SimpleNamespace(task=task_spec, model=SimpleNamespace(max_length=info["max_length"]), data=data_spec)
+    dataset = make_text_task_dataset(split, info["task"], predictor.loaded.preprocessor, recipe)
+    for note in dataset.notes:
+        print(f"data: {note}")
+    accelerator = Accelerator()
+    model, loader = accelerator.prepare(predictor.loaded.model, make_loader(dataset, 32, "auto"))
+    return model, loader, accelerator
+
+
+def _text_task_inputs(predictor, inputs: str | Path) -> tuple[list, list[str]]:
+    """What a text task predicts from, per row: texts or prompts (one a line of a .txt, or a table's column),
+    images (a folder, or a table's image column), or {question, context} (SQuAD JSON, or a table with both)."""
+    from tuneforge.data.loaders import load_rgb
+    from tuneforge.data.qa import read_squad
+    from tuneforge.data.sources import IMAGE_SUFFIXES, read_table
+
+    kind, spec, path = predictor.task.name, predictor.data_spec, Path(inputs)
+    if kind == "captioning" and path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [load_rgb(p) for p in files], [str(p) for p in files]
+    if not path.is_file():
+        raise DataError([f"{inputs} not found"])
+    if kind == "qa" and path.suffix == ".json":
+        examples, problems = read_squad(path)
+        if problems:
+            raise DataError(problems)
+        return [{"question": e.question, "context": e.context} for e in examples], [e.id for e in examples]
+    if path.suffix == ".txt":
+        lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+        return [line for _, line in lines], [f"{path.name}:{i + 1}" for i, _ in lines]
+    fmt = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+    frame = read_table(path, fmt, spec.columns)
+    columns = {"qa": ["question", "context"], "captioning": [spec.image_column],
+               "causal_lm": [spec.prompt_column or spec.text_column]}.get(kind, [spec.text_column])
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        raise DataError([f"{inputs} has no column(s) {absent}; its columns are {list(frame.columns)}"])
+    rows = [f"{path.name}:{i + (2 if fmt in ('csv', 'tsv') else 1)}" for i in range(len(frame))]
+    if kind == "qa":
+        return [{"question": q, "context": c} for q, c in zip(frame["question"], frame["context"])], rows
+    if kind == "captioning":
+        return [path.parent / str(p) for p in frame[columns[0]]], rows
+    return [str(t) for t in frame[columns[0]]], rows
 
 
 def _segmentation_problems(split, predictor) -> list[str]:
@@ -82,6 +145,11 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: s
 
     predictor = load(run)
     spec = predictor.data_spec
+    if predictor.task.name in TEXT_TASKS:
+        items, rows = _text_task_inputs(predictor, inputs)
+        predictions = [p for start in range(0, len(items), 32) for p in predictor.predict(list(items[start:start + 32]))]
+        _write_predictions(predictor.task, rows, predictions, Path(output))
+        return len(predictions)
     split = read_split("input", str(inputs), spec, require_labels=False)
     problems = split.problems or check_split(split, spec, [], require_labels=False)
     if problems:
@@ -94,17 +162,22 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: s
         predictions = _detect(predictor, split, Path(draw) if draw else None)
     else:
         predictions = task.predictions(_logits(predictor, split, [0] * len(split))[0])
+    _write_predictions(task, split.rows, predictions, output)
+    return len(predictions)
+
+
+def _write_predictions(task, rows: list[str], predictions: list[dict], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".csv":
         with output.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["row", *task.csv_header()])
-            for row, prediction in zip(split.rows, predictions):
+            for row, prediction in zip(rows, predictions):
                 writer.writerow([row, *task.csv_row(prediction)])
     else:
         with output.open("w") as file:
-            for row, prediction in zip(split.rows, predictions):
+            for row, prediction in zip(rows, predictions):
                 file.write(json.dumps({"row": row, **prediction}) + "\n")
-    return len(predictions)
 
 
 def _write_masks(predictor, split, folder: Path) -> list[dict]:

@@ -129,6 +129,8 @@ class DataSpec(Section):
 GENERATIVE_TASKS = ("seq2seq", "captioning", "causal_lm")
 # Tasks without classes: their data is read by tuneforge.data.text_tasks, not the label machinery.
 TEXT_TASKS = (*GENERATIVE_TASKS, "qa")
+TEXT_TASK_SETTINGS = {"source_prefix", "max_target_length", "num_beams", "max_new_tokens", "stride", "max_answer_length",
+                      "packing"}
 
 
 class TaskSpec(Section):
@@ -153,7 +155,8 @@ class TaskSpec(Section):
     max_target_length: int = Field(128, gt=0, description="seq2seq, captioning: token limit of target texts")
     num_beams: int = Field(4, ge=1, description="seq2seq, captioning, causal_lm: beam search width when generating")
     max_new_tokens: int = Field(64, ge=1, description="seq2seq, captioning, causal_lm: the most tokens one generation adds")
-    stride: int = Field(128, gt=0, description="qa: tokens shared by consecutive windows of a long context")
+    stride: int = Field(128, gt=0, description="qa: tokens shared by consecutive windows of a long context (default: a "
+                                               "quarter of model.max_length)")
     max_answer_length: int = Field(30, gt=0, description="qa: the longest answer span, in tokens")
     packing: bool = Field(True, description="causal_lm: concatenate texts into blocks of model.max_length tokens "
                                             "(false: one text an example, padded)")
@@ -390,6 +393,13 @@ class Recipe(Section):
             raise ValueError(f"data.augment is for image classification and detection, not task.type {kind}")
         if kind == "qa" and data.format == "auto":
             data.format = "squad"
+        if kind == "qa":
+            if "stride" not in self.task.model_fields_set:  # a quarter of the window: 96 of 384, as is usual for BERT
+                self.task.stride = max(1, self.model.max_length // 4)
+            if self.task.stride >= self.model.max_length // 2:
+                raise ValueError(f"task.stride {self.task.stride} must be less than half of model.max_length "
+                                 f"{self.model.max_length}: consecutive windows share that many tokens, and each also holds "
+                                 "the question")
         if kind == "seq2seq":
             data.target_column = data.target_column or "target"
             if data.format == "parallel" and not (data.source_language and data.target_language):

@@ -263,7 +263,8 @@ async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings)
         raise _BadRequest(422, problem.problems[0]) from None
     if predictor.modality == "text":
         for index, item in enumerate(items):
-            if any(len(text) > settings.max_text_chars for text in (item if predictor.pairs else [item])):
+            texts = list(item.values()) if isinstance(item, dict) else item if predictor.pairs else [item]  # qa: dicts
+            if any(len(text) > settings.max_text_chars for text in texts):
                 raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
     return single, items
 
@@ -278,6 +279,8 @@ def _decode_image(item, index: int) -> bytes:
 
 
 def _warm_up_input(predictor: "Predictor"):
+    if predictor.task.name == "qa":
+        return {"question": "warm up?", "context": "warm up"}
     if predictor.modality == "text":
         return ["warm up", "warm up"] if predictor.pairs else "warm up"
     from PIL import Image

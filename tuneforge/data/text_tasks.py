@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tuneforge.data.loaders import load_rgb
 from tuneforge.data.preflight import TaskData, _check_images, _check_texts, _listing, _missing, _sample
 from tuneforge.data.sources import Split, read_table
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, RecipeError
 
 IGNORE = -100  # label positions the loss skips (padding, prompts): transformers' convention
 
@@ -346,7 +346,10 @@ class QADataset(Dataset):
         from tuneforge.data.qa import prepare_features
 
         self.examples, self.tokenizer = split.labels, tokenizer
-        self.features = prepare_features(tokenizer, self.examples, max_length, stride)
+        try:
+            self.features = prepare_features(tokenizer, self.examples, max_length, stride)
+        except ValueError as error:  # a window with no room beside the stride: the recipe's numbers, not a crash
+            raise RecipeError([f"task.stride {stride} with model.max_length {max_length} ({split.name}): {error}"]) from None
         self.notes = ([f"{split.name}: {self.features.truncated_questions} question(s) longer than 64 tokens were cut"]
                       if self.features.truncated_questions else [])
         self.references = [[text for text, _ in example.answers] for example in self.examples]

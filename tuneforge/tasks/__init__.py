@@ -62,7 +62,7 @@ def task_from_info(info: dict, preprocessor=None) -> Task:
     if kind == "detection":
         return DetectionTask(names, info["score_threshold"])
     if kind in ("seq2seq", "captioning", "causal_lm", "qa"):
-        return text_task(kind, info, preprocessor, info["max_length"])
+        return text_task(kind, info.get("task_settings", info), preprocessor, info["max_length"])
     return ClassificationTask(names)
 
 

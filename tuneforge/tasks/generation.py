@@ -16,6 +16,7 @@ import math
 import torch
 
 from tuneforge.data.text_tasks import IGNORE, pad_id
+from tuneforge.errors import DataError
 from tuneforge.tasks.base import TaskBase
 from tuneforge.tasks.text_metrics import generation_scores
 
@@ -128,18 +129,23 @@ class CausalLMTask(TaskBase):
         return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(tokens)}
 
     def predict_items(self, loaded, items: list) -> list[dict]:
-        """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts."""
+        """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts;
+        a prompt longer than max_length keeps its last tokens, the ones the continuation follows."""
         tokenizer = self.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        sides = tokenizer.padding_side, tokenizer.truncation_side
+        tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
         had_pad = tokenizer.pad_token is not None
         if not had_pad:
             tokenizer.pad_token = tokenizer.eos_token
         try:
             inputs = tokenizer(list(items), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         finally:
-            tokenizer.padding_side = side
+            tokenizer.padding_side, tokenizer.truncation_side = sides
             if not had_pad:
                 tokenizer.pad_token = None
+        empty = [i for i, row in enumerate(inputs["attention_mask"].tolist()) if not any(row)]
+        if empty:  # nothing to continue from: generate() would fail on a prompt of no tokens
+            raise DataError([f"input {i} has no tokens to continue; give a non-empty prompt" for i in empty])
         inputs.pop("token_type_ids", None)
         with torch.inference_mode():
             generated = loaded.model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,

@@ -8,6 +8,7 @@ import torch
 
 from tuneforge.data.qa import QAExample, best_answers, prepare_features
 from tuneforge.data.text_tasks import window_inputs
+from tuneforge.errors import DataError
 from tuneforge.tasks.base import TaskBase
 from tuneforge.tasks.text_metrics import squad_scores
 
@@ -60,7 +61,10 @@ class QATask(TaskBase):
     def predict_items(self, loaded, items: list) -> list[dict]:
         """Per {question, context}: the answer text, its character offsets in the context and its score."""
         examples = [QAExample(str(i), "", item["context"], item["question"], [], f"input {i}") for i, item in enumerate(items)]
-        features = prepare_features(self.tokenizer, examples, self.max_length, self.stride)
+        try:
+            features = prepare_features(self.tokenizer, examples, self.max_length, self.stride)
+        except ValueError as error:  # a question too long to leave the window room for context: the input's fault
+            raise DataError([f"a question is too long for this model's windows ({error}); shorten it"]) from None
         starts, ends = [], []
         with torch.inference_mode():
             for first in range(0, len(features.input_ids), 16):
