@@ -124,7 +124,7 @@ def test_multi30k_language_model_with_a_tiny_gpt2(tmp_path):
     data = shared_data_dir() / "multi30k"
     _tiny_model("gpt2", tmp_path / "gpt2", data / "train.en.gz")
     overrides = [f"model.name={tmp_path / 'gpt2'}", "data.max_train_examples=5000", "train.epochs=1"]
-    untrained = finetune("recipes/multi30k-causal-lm.yaml", [*overrides, "train.max_steps=0"], output_dir=tmp_path / "lm0")
+    untrained = finetune("recipes/multi30k-causal-lm.yaml", [*overrides, "train.epochs=0"], output_dir=tmp_path / "lm0")
     result = finetune("recipes/multi30k-causal-lm.yaml", overrides, output_dir=tmp_path / "lm")
     metrics = result.metrics
     print(json.dumps({"perplexity": metrics["perplexity"], "untrained": untrained.metrics["perplexity"],

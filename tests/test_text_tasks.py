@@ -872,3 +872,62 @@ def test_serve_answers_questions_and_translates(qa_run, seq2seq_run):
     with server(seq2seq_run.run_dir) as port:
         status, body = call(port, "POST", "/predict", {"input": "good movie"})
         assert status == 200 and body["prediction"] == tuneforge.load(seq2seq_run.run_dir).predict("good movie")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(arch, tiny_generators, seq2seq_files, tmp_path,
+                                                                  monkeypatch):
+    from conftest import interrupt_after
+
+    from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
+    from tuneforge.run import finetune
+
+    train = {"epochs": 2, "batch_size": 4, "checkpoint_every_steps": 4, "keep_checkpoints": 10}
+    if arch == "t5":
+        spec = seq2seq_recipe(tiny_generators["t5"], seq2seq_files, train=train)
+    else:  # causal LM on the same sentences, unpacked: padded batches of different lengths
+        spec = recipe({"name": str(tiny_generators["gpt2"]), "max_length": 16},
+                      {"train": str(seq2seq_files["train"]), "validation": str(seq2seq_files["validation"])},
+                      {"type": "causal_lm", "packing": False}, train=train)
+    uninterrupted = run(spec, tmp_path / "a")
+    interrupt_after(monkeypatch, 6)  # the last checkpoint before the stop: step 4, inside the first epoch
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path / "b")
+    monkeypatch.undo()
+    resumed = finetune(spec, output_dir=tmp_path / "b", resume=True, console=QUIET)
+    last_a, last_b = (complete_checkpoints(r.run_dir / "checkpoints")[-1] for r in (uninterrupted, resumed))
+    assert last_a.name == last_b.name
+    a, b = checkpoint_weights(last_a), checkpoint_weights(last_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    key = "bleu" if arch == "t5" else "perplexity"
+    assert resumed.metrics[key] == uninterrupted.metrics[key] and resumed.metrics["loss"] == uninterrupted.metrics["loss"]
+    assert records(resumed.run_dir, "resume")[0]["step"] == 4
+
+
+# ---------------------------------------------------------------- two processes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["seq2seq", "qa"])
+def test_two_processes_evaluate_like_one(kind, tiny_generators, seq2seq_files, tiny_bert_dir, squad_file, tmp_path):
+    """Generated texts and answer spans are gathered from both processes, each example once: the figures equal one
+    process's (no training, so the weights are the same)."""
+    import yaml
+    from test_distributed import _train
+
+    if kind == "seq2seq":
+        spec = seq2seq_recipe(tiny_generators["t5"], {**seq2seq_files, "validation": seq2seq_files["train"]})
+        keys = ("bleu", "chrf", "rougeL", "meteor", "loss", "num_examples")
+    else:
+        spec = recipe({"name": str(tiny_bert_dir), "max_length": 48}, {"train": str(squad_file), "test_fraction": 0.5},
+                      {"type": "qa", "stride": 8})
+        keys = ("exact_match", "f1", "loss", "num_examples")
+    spec["train"] = {"epochs": 0, "batch_size": 4}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(spec))
+    _train(tmp_path / "recipe.yaml", tmp_path / "one", 1)
+    _train(tmp_path / "recipe.yaml", tmp_path / "two", 2)
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert two["hardware"]["processes"] == 2
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key

@@ -15,24 +15,12 @@ import math
 
 import torch
 
-from tuneforge.data.text_tasks import IGNORE, pad_id
+from tuneforge.data.text_tasks import pad_id
 from tuneforge.errors import DataError
-from tuneforge.tasks.base import TaskBase
+from tuneforge.tasks.base import TaskBase, example_nll, gather_by_index, mean_token_loss
 from tuneforge.tasks.text_metrics import generation_scores
 
 SAMPLES = 5  # generated texts kept in eval.json beside their references, to read what the scores mean
-
-
-def _gather_objects(accelerator, values: list) -> list:
-    if accelerator.num_processes == 1:
-        return values
-    return accelerator.gather_for_metrics(values, use_gather_object=True)
-
-
-def _summed(accelerator, *values: float) -> list[float]:
-    """Sums over processes of per-process totals."""
-    total = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 else total.tolist()
 
 
 class GenerationTask(TaskBase):
@@ -61,22 +49,20 @@ class GenerationTask(TaskBase):
     def evaluate(self, model, loader, accelerator) -> dict:
         model.eval()
         generator = accelerator.unwrap_model(model)
-        texts, indices, loss, tokens = [], [], 0.0, 0
+        indices, results = [], []  # per example: (generated text, (token NLL, tokens))
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             for batch in loader:
                 with accelerator.autocast():
-                    outputs = model(**batch["inputs"], labels=batch["labels"])
-                    texts += self.generate(generator, batch["inputs"])
-                counted = int((batch["labels"] != IGNORE).sum())  # the model's loss is a mean over these tokens
-                loss, tokens = loss + float(outputs.loss) * counted, tokens + counted
+                    logits = model(**batch["inputs"], labels=batch["labels"]).logits
+                    texts = self.generate(generator, batch["inputs"])
+                results += zip(texts, example_nll(logits, batch["labels"], shift=False))
                 indices += batch["index"].tolist()
-        texts, indices = _gather_objects(accelerator, texts), _gather_objects(accelerator, indices)
-        loss, tokens = _summed(accelerator, loss, tokens)
-        by_index = dict(zip(indices, texts))
+        by_index = gather_by_index(accelerator, indices, results)
+        loss, _ = mean_token_loss([nll for _, nll in by_index.values()])
         order = _one_per_input(sorted(by_index), getattr(loader.dataset, "paths", None))
-        predictions = [by_index[i] for i in order]
+        predictions = [by_index[i][0] for i in order]
         references = [loader.dataset.references[i] for i in order]
-        return {**generation_scores(predictions, references), "loss": loss / max(tokens, 1),
+        return {**generation_scores(predictions, references), "loss": loss,
                 "samples": [{"prediction": p, "references": r} for p, r in zip(predictions[:SAMPLES], references)]}
 
     def predict_items(self, loaded, items: list) -> list[dict]:
@@ -117,16 +103,15 @@ class CausalLMTask(TaskBase):
 
     def evaluate(self, model, loader, accelerator) -> dict:
         model.eval()
-        total, tokens = 0.0, 0
+        indices, results = [], []
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             for batch in loader:
                 with accelerator.autocast():
                     logits = model(**batch["inputs"]).logits
-                nll, counted = token_nll(logits, batch["labels"])
-                total, tokens = total + nll, tokens + counted
-        total, tokens = _summed(accelerator, total, tokens)
-        loss = total / max(tokens, 1)
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(tokens)}
+                results += example_nll(logits, batch["labels"], shift=True)
+                indices += batch["index"].tolist()
+        loss, tokens = mean_token_loss(gather_by_index(accelerator, indices, results).values())
+        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": tokens}
 
     def predict_items(self, loaded, items: list) -> list[dict]:
         """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts;
@@ -171,11 +156,3 @@ def _one_per_input(indices: list[int], inputs: list | None) -> list[int]:
             kept.append(index)
     return kept
 
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the count of predicted tokens (labels shifted by one;
-    -100 positions skipped)."""
-    predicted, targets = logits[:, :-1].float(), labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1),
-                                            ignore_index=IGNORE, reduction="sum")
-    return float(nll), int((targets != IGNORE).sum())

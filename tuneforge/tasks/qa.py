@@ -9,7 +9,7 @@ import torch
 from tuneforge.data.qa import QAExample, best_answers, prepare_features
 from tuneforge.data.text_tasks import window_inputs
 from tuneforge.errors import DataError
-from tuneforge.tasks.base import TaskBase
+from tuneforge.tasks.base import TaskBase, gather_by_index
 from tuneforge.tasks.text_metrics import squad_scores
 
 SAMPLES = 5
@@ -32,29 +32,30 @@ class QATask(TaskBase):
         return model(**inputs, start_positions=targets[:, 0], end_positions=targets[:, 1]).loss
 
     def evaluate(self, model, loader, accelerator) -> dict:
-        from tuneforge.tasks.generation import _gather_objects, _summed
-
         model.eval()
-        starts, ends, indices, loss, windows = [], [], [], 0.0, 0
+        indices, windows = [], []  # per window: (start logits, end logits, loss)
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             for batch in loader:
                 labels = batch["labels"]
                 with accelerator.autocast():
-                    outputs = model(**batch["inputs"], start_positions=labels[:, 0], end_positions=labels[:, 1])
-                loss, windows = loss + float(outputs.loss) * len(labels), windows + len(labels)
+                    outputs = model(**batch["inputs"])
                 lengths = batch["inputs"]["attention_mask"].sum(1).tolist()  # padding is never an answer
-                starts += [row[:n].float().cpu() for row, n in zip(outputs.start_logits, lengths)]
-                ends += [row[:n].float().cpu() for row, n in zip(outputs.end_logits, lengths)]
+                for start, end, (first, last), n in zip(outputs.start_logits.float(), outputs.end_logits.float(),
+                                                        labels.tolist(), lengths):
+                    start, end = start[:n].cpu(), end[:n].cpu()
+                    # transformers' QA loss per window (the mean of the start and end cross-entropies), over the window's
+                    # own tokens: the model's version also spreads probability over the batch's padding
+                    loss = (float(-start.log_softmax(-1)[first]) + float(-end.log_softmax(-1)[last])) / 2
+                    windows.append((start, end, loss))
                 indices += batch["index"].tolist()
-        starts, ends, indices = (_gather_objects(accelerator, v) for v in (starts, ends, indices))
-        loss, windows = _summed(accelerator, loss, windows)
-        order = sorted(range(len(indices)), key=indices.__getitem__)
+        by_index = gather_by_index(accelerator, indices, windows)
+        order = sorted(by_index)
         dataset = loader.dataset
-        found = best_answers([starts[i] for i in order], [ends[i] for i in order], dataset.features, dataset.examples,
-                             self.max_answer_length)
+        found = best_answers([by_index[i][0] for i in order], [by_index[i][1] for i in order], dataset.features,
+                             dataset.examples, self.max_answer_length)
         predictions = [answer["answer"] for answer in found]
         scores = squad_scores(predictions, dataset.references)
-        return {**scores, "loss": loss / max(windows, 1), "windows": int(windows),
+        return {**scores, "loss": sum(by_index[i][2] for i in order) / max(len(order), 1), "windows": len(order),
                 "samples": [{"question": e.question, "prediction": p, "answers": r}
                             for e, p, r in zip(dataset.examples[:SAMPLES], predictions, dataset.references)]}
 
