@@ -44,7 +44,7 @@ def _squad_f1(prediction: str, truth: str) -> float:
 
 @requires_shared_data("xquad-en", "xquad.en.json")
 def test_xquad_qa_with_articles_held_out(tmp_path):
-    overrides = ["train.epochs=2"]  # the recipe trains 3 epochs; 2 keep CI shorter
+    overrides = []  # the recipe as shipped: 3 epochs (2 gave F1 30.0; the third is where most of its 45.8 comes from)
     result = finetune("recipes/xquad-qa-minilm.yaml", overrides, output_dir=tmp_path / "qa")
     metrics = result.metrics
     print(json.dumps({k: metrics[k] for k in ("exact_match", "f1", "num_examples", "train_seconds")}))
@@ -69,12 +69,12 @@ def test_xquad_qa_with_articles_held_out(tmp_path):
     for example in test[:50]:  # character offsets point at the answer inside its own context
         answer = answers[example.id]
         assert example.context[answer["start"]:answer["end"]] == answer["answer"]
-    # Real learning: the pretrained encoder with a span head trained on ~800 questions. Always answering
-    # with the context's first words scores F1 of a few points.
+    # Real learning: the pretrained encoder with a span head trained on 831 questions. On these test questions,
+    # the context's first five words score F1 6.0, and its sentence sharing most words with the question 16.8.
     assert metrics["f1"] >= XQUAD_F1_BAR, metrics
 
 
-XQUAD_F1_BAR = 30.0
+XQUAD_F1_BAR = 35.0
 
 
 def _tiny_model(arch: str, folder, *files) -> None:

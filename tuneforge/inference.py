@@ -76,6 +76,8 @@ def _text_task_loader(predictor, data: str | Path):
     info = predictor.info
     task_spec = TaskSpec(type=info["task"], **info["task_settings"])
     data_spec = predictor.data_spec.model_copy(update={"train": str(data)})
+    if data_spec.format == "parallel" and Path(data).is_file():  # trained on aligned files, evaluated on a table
+        data_spec = data_spec.model_copy(update={"format": "auto"})
     split = load_text_task_data(data_spec, task_spec).splits["train"]
     split.name = "evaluation"
     recipe = SimpleNamespace(task=task_spec, model=SimpleNamespace(max_length=info["max_length"]), data=data_spec)

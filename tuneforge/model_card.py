@@ -70,7 +70,8 @@ def _strategy(recipe: dict) -> list[str]:
     warmup = schedule.get("warmup_ratio") or schedule.get("warmup_steps")
     lines.append(f"- Optimizer: AdamW, learning rate {optim['lr']} ({optim.get('lr_strategy', 'single')}), weight decay "
                  f"{optim['weight_decay']}, schedule `{schedule['name']}`" + (f" with warmup {warmup}" if warmup else ""))
-    regularisation = [f"head dropout {recipe['model']['head_dropout']}"]
+    generates = task.get("type") in ("seq2seq", "captioning", "causal_lm")  # their pretrained LM head gets no dropout
+    regularisation = [] if generates else [f"head dropout {recipe['model']['head_dropout']}"]
     if task.get("label_smoothing"):
         regularisation.append(f"label smoothing {task['label_smoothing']}")
     if task.get("class_weights"):
@@ -83,7 +84,7 @@ def _strategy(recipe: dict) -> list[str]:
     stopping = recipe["eval"].get("early_stopping")
     if stopping:
         regularisation.append(f"early stopping (patience {stopping['patience']})")
-    lines.append(f"- Regularisation: {', '.join(regularisation)}")
+    lines.append("- Regularisation: " + (", ".join(regularisation) or "none beyond the model's own dropout"))
     lines.append(f"- Batch size {train['batch_size']} (gradient accumulation {train['grad_accum_steps']}), up to "
                  f"{train['epochs']} epochs, precision {'fp32' if train['mixed_precision'] == 'no' else train['mixed_precision']}, "
                  "gradient checkpointing "
@@ -124,8 +125,7 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
              if parameters else "- Parameters: unknown",
              f"- Export format: `{fmt}`" + (f"; largest difference from the PyTorch model's logits on check inputs: "
                                             f"{max_abs_diff:.2e}" if max_abs_diff is not None else ""),
-             "- Input: " + (f"text, up to {info['max_length']} tokens (longer texts are truncated)"
-                            if info["modality"] == "text" else "RGB images"),
+             "- Input: " + _input(kind, info),
              ""]
     if kind == "regression":
         lines += ["### Targets", ""] + _table(
@@ -207,13 +207,25 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
     lines += ["", "## Intended use", "",
               f"{purpose} {info['modality']} inputs like those of the training data "
               f"({sources}). Inputs must be prepared the same way: "
-              + (f"the saved tokenizer, columns {info['data'].get('text_column')}"
+              + ("the saved tokenizer, questions with their contexts" if kind == "qa" else
+                 f"the saved tokenizer, columns {info['data'].get('text_column')}"
                  + (f" and {info['data']['text_pair_column']}" if info['data'].get('text_pair_column') else "")
                  if info["modality"] == "text" else "the saved image processor") + ".",
               "", "## Known limitations", "",
               "- Measured only on the splits above; accuracy on other sources, domains or languages is unknown.",
               *_limitations(kind, smallest, data), ""]
     return "\n".join(lines)
+
+
+def _input(kind: str, info: dict) -> str:
+    if kind == "qa":
+        return (f"a question and its context, in windows of {info['max_length']} tokens overlapping by "
+                f"{info['task_settings']['stride']} (a long context is read whole, window by window)")
+    if kind == "captioning":
+        return "RGB images"
+    if info["modality"] == "text":
+        return f"text, up to {info['max_length']} tokens (longer texts are truncated)"
+    return "RGB images"
 
 
 def _head(kind: str, info: dict) -> str:

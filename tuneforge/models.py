@@ -404,7 +404,10 @@ def load_text_task_model(spec, image_spec, task: str, name: str, config, common:
     elif not getattr(tokenizer, "is_fast", False):
         raise ModelError([f"model.name {spec.name!r}: task.type qa maps answers to characters with a fast tokenizer's "
                           "offsets, and this model's tokenizer is a slow one; save a tokenizer.json with the model"])
-    return LoadedModel(model, preprocessor, modality, text_head_prefixes(model, task), report)
+    head = text_head_prefixes(model, task)
+    if task == "qa":  # the new span head, as a classifier head; a language model's pretrained head is left as it is
+        _add_head_dropout(model, head, spec.head_dropout)
+    return LoadedModel(model, preprocessor, modality, head, report)
 
 
 # ---------------------------------------------------------------- factory models

@@ -3,7 +3,8 @@
     predictor = tuneforge.load("runs/sst2-minilm")        # a run directory or a model folder
     predictor.predict("a gripping, funny film")          # {"label": "positive", "probabilities": {...}} (classification)
     predictor.predict(["good", "bad"])                    # one result per input
-Images: a PIL image, a path, or bytes of an image file, alone or in a list.
+Images: a PIL image, a path, or bytes of an image file, alone or in a list. Question answering:
+{"question": ..., "context": ...}.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Predictor:
     def predict(self, inputs):
         """The task's prediction for one input (a dict back) or a list of inputs (a list back): classification
         {label, probabilities}; multilabel {labels, probabilities}; regression {values}; segmentation {mask,
-        class_fractions} at the image's size; detection {boxes: [{label, score, box}]} in the image's pixels."""
+        class_fractions} at the image's size; detection {boxes: [{label, score, box}]} in the image's pixels;
+        seq2seq, captioning and causal_lm {text} (causal_lm: the continuation only); qa {answer, start, end, score,
+        probability} for {question, context} inputs or [question, context] pairs (start, end: characters of the context)."""
         single = not isinstance(inputs, (list, tuple)) or ((self.pairs or self.task.name == "qa") and _is_pair(inputs))
         items = [inputs] if single else list(inputs)
         if not items:

@@ -107,7 +107,8 @@ def _check_resumable(saved: dict, recipe: Recipe) -> None:
     breaking = [f"{section}.{key}" for section in ("model", "task") for key in current[section]
                 if saved.get(section, {}).get(key) != current[section][key]]
     breaking += [f"data.{key}" for key in ("train", "text_column", "label_column", "format", "max_train_examples",
-                                           "split_seed", "validation_fraction")
+                                           "split_seed", "validation_fraction", "test_fraction", "target_column",
+                                           "source_language", "target_language", "prompt_column", "response_column")
                  if saved.get("data", {}).get(key) != current["data"][key]]
     breaking += [f"train.{key}" for key in ("batch_size", "grad_accum_steps", "seed")
                  if saved.get("train", {}).get(key) not in (current["train"][key], None) and current["train"][key] != "auto"]
