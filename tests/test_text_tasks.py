@@ -931,3 +931,19 @@ def test_two_processes_evaluate_like_one(kind, tiny_generators, seq2seq_files, t
     assert two["hardware"]["processes"] == 2
     for key in keys:
         assert two[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+def test_the_captioning_template_recipe_trains_on_a_captions_folder(tiny_vit_dir, tiny_generators, caption_table, tmp_path,
+                                                                    monkeypatch):
+    from tuneforge.run import finetune
+
+    monkeypatch.setenv("CAPTIONS_DATA", str(caption_table.parent))  # the shipped template, on generated images
+    monkeypatch.setenv("CAPTION_ENCODER", str(tiny_vit_dir))
+    monkeypatch.setenv("CAPTION_DECODER", str(tiny_generators["gpt2"]))
+    result = finetune("recipes/captioning-vit-gpt2.yaml", ["model.max_length=16", "task.num_beams=2",
+                                                           "task.max_new_tokens=5", "optim.lr=3.0e-3"],
+                      output_dir=tmp_path / "run", console=QUIET)
+    images = {name: record["examples"] for name, record in records(result.run_dir, "data")[0]["splits"].items()}
+    assert images == {"train": 18, "validation": 2, "test": 4}  # captions: 12 images x 2, held out by whole images
+    assert result.metrics["report_split"] == "test" and result.metrics["num_examples"] == 2  # images, each once
+    assert {"bleu", "chrf", "rougeL", "meteor"} <= set(result.metrics)

@@ -123,7 +123,12 @@ def _carve(split: Split, fraction: float, seed: int, name: str, kind: str) -> tu
         from tuneforge.data.qa import split_by_article
 
         groups = [e.title for e in split.labels] if kind == "qa" else [str(p) for p in split.image_paths]
-        kept, held = split_by_article(list(range(len(split))), fraction, seed, key=groups.__getitem__)
+        try:
+            kept, held = split_by_article(list(range(len(split))), fraction, seed, key=groups.__getitem__)
+        except ValueError as error:  # a single article (or image): nothing to hold out without sharing it
+            what = "article" if kind == "qa" else "image"
+            raise DataError([f"{split.name}: cannot hold out a {name} split by whole {what}s ({error}); give "
+                             f"data.{name} as a file instead"]) from None
         parts = split.select(kept), split.select(held)
     else:
         order = np.random.default_rng(seed).permutation(len(split)).tolist()
