@@ -235,8 +235,8 @@ def _head(kind: str, info: dict) -> str:
                 "causal_lm": "the pretrained language-model head (next-token prediction)",
                 "seq2seq": "the pretrained decoder and language-model head",
                 "captioning": "a text decoder reading the vision encoder through cross-attention"}[kind] + (
-            f"; generation with beam width {info['num_beams']}, at most {info['max_new_tokens']} new tokens"
-            if "num_beams" in info else "")
+            f"; generation with beam width {info['task_settings']['num_beams']}, at most "
+            f"{info['task_settings']['max_new_tokens']} new tokens" if kind != "qa" else "")
     if kind == "regression":
         return f"a new regression head with {count} output(s), one per target"
     if kind == "multilabel":

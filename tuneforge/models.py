@@ -355,8 +355,6 @@ def _load_captioning(spec, image_spec, name: str, common: dict) -> tuple[nn.Modu
                                                                              decoder_config)
             model = VisionEncoderDecoderModel(config)
             report = LoadReport([], sorted(model.state_dict()), [])
-    except ModelError:
-        raise
     except Exception as error:  # a model that is no VisionEncoderDecoder, or a decoder without cross-attention support
         raise ModelError([f"model.name {spec.name!r}{f' with model.decoder {spec.decoder!r}' if decoder else ''}: cannot "
                           f"build a captioning model ({first_line(error)}); give a VisionEncoderDecoder folder, or a "
@@ -633,7 +631,6 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         load_safetensors_into(model.net, str(folder / "model.safetensors"))
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return LoadedModel(model, processor, "image", [f"net.{factory['head']}"], LoadReport(), factory), labels
-    modality = _hf_modality(AutoConfig.from_pretrained(folder))
     info = folder / "tuneforge.json"
     task = json.loads(info.read_text()).get("task") if info.is_file() else None
     if task in TEXT_TASK_CLASSES:
@@ -650,6 +647,7 @@ def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
         model = auto_class.from_pretrained(folder)
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         return LoadedModel(model, processor, "image", _hf_head_prefixes(model), LoadReport()), labels
+    modality = _hf_modality(AutoConfig.from_pretrained(folder))
     if modality == "image":
         model = AutoModelForImageClassification.from_pretrained(folder)
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 SHOWN = 5  # how many offending questions a message lists before summarising
+MAX_QUESTION_TOKENS = 64  # longer questions are cut, so every window keeps room for context
 
 
 @dataclass
@@ -213,7 +214,8 @@ def split_by_article(examples, fraction: float, seed: int, key=lambda example: e
 # ---------------------------------------------------------------- features
 
 
-def prepare_features(tokenizer, examples, max_length: int, stride: int, max_question_length: int = 64) -> QAFeatures:
+def prepare_features(tokenizer, examples, max_length: int, stride: int,
+                     max_question_length: int = MAX_QUESTION_TOKENS) -> QAFeatures:
     """Tokenize (question, context) pairs into windows of at most max_length tokens.
 
     With a right-padding tokenizer (nearly all) the question goes first and the context second

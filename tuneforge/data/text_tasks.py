@@ -213,7 +213,7 @@ def _tokenise(tokenizer, texts: list[str], limit: int, what: str, rows: list[str
     return [np.asarray(row, dtype=np.int64) for row in ids]
 
 
-def _pad(rows: list[np.ndarray], value: int, left: bool = False) -> torch.Tensor:
+def pad_rows(rows: list[np.ndarray], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(row) for row in rows)
     out = np.full((len(rows), width), value, dtype=np.int64)
     for i, row in enumerate(rows):
@@ -222,6 +222,12 @@ def _pad(rows: list[np.ndarray], value: int, left: bool = False) -> torch.Tensor
         else:
             out[i, :len(row)] = row
     return torch.from_numpy(out)
+
+
+def token_batch(ids: list[np.ndarray], labels: list[np.ndarray], indices: list[int], pad: int) -> dict:
+    """A batch of token rows padded to the longest: padding masked out of attention, -100 in the labels."""
+    return {"inputs": {"input_ids": pad_rows(ids, pad), "attention_mask": pad_rows([np.ones(len(row), dtype=np.int64) for row in ids], 0)},
+            "labels": pad_rows(labels, IGNORE), "index": torch.tensor(indices)}
 
 
 def pad_id(tokenizer) -> int:
@@ -257,11 +263,8 @@ class Seq2SeqDataset(Dataset):
         return {"source": self.sources[index], "target": self.targets[index], "index": index}
 
     def collate(self, items: list[dict]) -> dict:
-        ids = _pad([item["source"] for item in items], pad_id(self.tokenizer))
-        mask = _pad([np.ones(len(item["source"]), dtype=np.int64) for item in items], 0)
-        return {"inputs": {"input_ids": ids, "attention_mask": mask},
-                "labels": _pad([item["target"] for item in items], IGNORE),
-                "index": torch.tensor([item["index"] for item in items])}
+        return token_batch([item["source"] for item in items], [item["target"] for item in items],
+                           [item["index"] for item in items], pad_id(self.tokenizer))
 
 
 class CaptionDataset(Dataset):
@@ -288,7 +291,7 @@ class CaptionDataset(Dataset):
 
     def collate(self, items: list[dict]) -> dict:
         return {"inputs": {"pixel_values": torch.stack([item["pixel_values"] for item in items])},
-                "labels": _pad([item["target"] for item in items], IGNORE),
+                "labels": pad_rows([item["target"] for item in items], IGNORE),
                 "index": torch.tensor([item["index"] for item in items])}
 
 
@@ -337,10 +340,8 @@ class CausalLMDataset(Dataset):
 
     def collate(self, items: list[dict]) -> dict:
         # Labels are the inputs themselves; the model shifts them by one to predict each next token.
-        return {"inputs": {"input_ids": _pad([item["ids"] for item in items], pad_id(self.tokenizer)),
-                           "attention_mask": _pad([np.ones(len(item["ids"]), dtype=np.int64) for item in items], 0)},
-                "labels": _pad([item["labels"] for item in items], IGNORE),
-                "index": torch.tensor([item["index"] for item in items])}
+        return token_batch([item["ids"] for item in items], [item["labels"] for item in items],
+                           [item["index"] for item in items], pad_id(self.tokenizer))
 
 
 class QADataset(Dataset):
@@ -348,14 +349,15 @@ class QADataset(Dataset):
     position) for a window that does not hold the answer."""
 
     def __init__(self, split: Split, tokenizer, max_length: int, stride: int):
-        from tuneforge.data.qa import prepare_features
+        from tuneforge.data.qa import MAX_QUESTION_TOKENS, prepare_features
 
         self.examples, self.tokenizer = split.labels, tokenizer
         try:
             self.features = prepare_features(tokenizer, self.examples, max_length, stride)
         except ValueError as error:  # a window with no room beside the stride: the recipe's numbers, not a crash
             raise RecipeError([f"task.stride {stride} with model.max_length {max_length} ({split.name}): {error}"]) from None
-        self.notes = ([f"{split.name}: {self.features.truncated_questions} question(s) longer than 64 tokens were cut"]
+        self.notes = ([f"{split.name}: {self.features.truncated_questions} question(s) longer than {MAX_QUESTION_TOKENS} "
+                       "tokens were cut"]
                       if self.features.truncated_questions else [])
         self.references = [[text for text, _ in example.answers] for example in self.examples]
 
@@ -377,10 +379,10 @@ class QADataset(Dataset):
 
 def window_inputs(features, rows, tokenizer) -> dict[str, torch.Tensor]:
     """Model inputs for some QA windows, padded to the longest."""
-    inputs = {"input_ids": _pad([np.asarray(features.input_ids[i]) for i in rows], pad_id(tokenizer)),
-              "attention_mask": _pad([np.asarray(features.attention_mask[i]) for i in rows], 0)}
+    inputs = {"input_ids": pad_rows([np.asarray(features.input_ids[i]) for i in rows], pad_id(tokenizer)),
+              "attention_mask": pad_rows([np.asarray(features.attention_mask[i]) for i in rows], 0)}
     if features.token_type_ids is not None:
-        inputs["token_type_ids"] = _pad([np.asarray(features.token_type_ids[i]) for i in rows], 0)
+        inputs["token_type_ids"] = pad_rows([np.asarray(features.token_type_ids[i]) for i in rows], 0)
     return inputs
 
 

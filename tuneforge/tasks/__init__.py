@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.errors import RecipeError
+from tuneforge.recipe import TEXT_TASK_SETTINGS
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 from tuneforge.tasks.detection import DetectionTask
 from tuneforge.tasks.generation import CausalLMTask, GenerationTask
@@ -28,9 +29,7 @@ def make_task(recipe, data, preprocessor=None) -> Task:
     or write text (seq2seq, captioning, causal_lm, qa) keep the model's tokenizer, from `preprocessor`."""
     spec = recipe.task
     if spec.type in ("seq2seq", "captioning", "causal_lm", "qa"):
-        settings = {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens, "source_prefix": spec.source_prefix,
-                    "stride": spec.stride, "max_answer_length": spec.max_answer_length}
-        return text_task(spec.type, settings, preprocessor, recipe.model.max_length)
+        return text_task(spec.type, spec.model_dump(include=TEXT_TASK_SETTINGS), preprocessor, recipe.model.max_length)
     if spec.type == "regression":
         return RegressionTask.fit(data.label_names, data.targets("train"), spec.normalize_targets)
     if spec.type == "multilabel":
@@ -62,7 +61,7 @@ def task_from_info(info: dict, preprocessor=None) -> Task:
     if kind == "detection":
         return DetectionTask(names, info["score_threshold"])
     if kind in ("seq2seq", "captioning", "causal_lm", "qa"):
-        return text_task(kind, info.get("task_settings", info), preprocessor, info["max_length"])
+        return text_task(kind, info["task_settings"], preprocessor, info["max_length"])
     return ClassificationTask(names)
 
 
@@ -73,4 +72,4 @@ def text_task(kind: str, settings: dict, preprocessor, max_length: int) -> Task:
     if kind == "causal_lm":
         return CausalLMTask(tokenizer, settings["num_beams"], settings["max_new_tokens"], max_length)
     return GenerationTask(kind, tokenizer, settings["num_beams"], settings["max_new_tokens"],
-                          settings.get("source_prefix", ""), max_length)
+                          settings["source_prefix"], max_length)

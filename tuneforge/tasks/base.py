@@ -8,6 +8,9 @@ import torch
 
 
 class TaskBase:
+    # What must be saved with the model to predict again, beside the recipe's settings (tuneforge.json).
+    info: dict = {}
+
     def compute_loss(self, model, inputs: dict, targets):
         """The training loss of one batch."""
         return self.loss(model(**inputs).logits, targets)

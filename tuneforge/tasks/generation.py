@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from tuneforge.data.text_tasks import pad_id
+from tuneforge.data.text_tasks import pad_id, pad_rows
 from tuneforge.errors import DataError
 from tuneforge.tasks.base import TaskBase, example_nll, gather_by_index, mean_token_loss
 from tuneforge.tasks.text_metrics import generation_scores
@@ -34,10 +35,6 @@ class GenerationTask(TaskBase):
         self.num_beams, self.max_new_tokens, self.source_prefix, self.max_length = (num_beams, max_new_tokens,
                                                                                      source_prefix, max_length)
         self.label_names: list[str] = []
-
-    @property
-    def info(self) -> dict:
-        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "source_prefix": self.source_prefix}
 
     def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         return model(**inputs, labels=targets).loss
@@ -94,10 +91,6 @@ class CausalLMTask(TaskBase):
         self.tokenizer, self.num_beams, self.max_new_tokens, self.max_length = tokenizer, num_beams, max_new_tokens, max_length
         self.label_names: list[str] = []
 
-    @property
-    def info(self) -> dict:
-        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens}
-
     def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         return model(**inputs, labels=targets).loss
 
@@ -117,21 +110,12 @@ class CausalLMTask(TaskBase):
         """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts;
         a prompt longer than max_length keeps its last tokens, the ones the continuation follows."""
         tokenizer = self.tokenizer
-        sides = tokenizer.padding_side, tokenizer.truncation_side
-        tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-        had_pad = tokenizer.pad_token is not None
-        if not had_pad:
-            tokenizer.pad_token = tokenizer.eos_token
-        try:
-            inputs = tokenizer(list(items), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side, tokenizer.truncation_side = sides
-            if not had_pad:
-                tokenizer.pad_token = None
-        empty = [i for i, row in enumerate(inputs["attention_mask"].tolist()) if not any(row)]
+        rows = [np.asarray(ids[-self.max_length:], dtype=np.int64) for ids in tokenizer(list(items))["input_ids"]]
+        empty = [i for i, row in enumerate(rows) if not len(row)]
         if empty:  # nothing to continue from: generate() would fail on a prompt of no tokens
             raise DataError([f"input {i} has no tokens to continue; give a non-empty prompt" for i in empty])
-        inputs.pop("token_type_ids", None)
+        inputs = {"input_ids": pad_rows(rows, pad_id(tokenizer), left=True),
+                  "attention_mask": pad_rows([np.ones(len(row), dtype=np.int64) for row in rows], 0, left=True)}
         with torch.inference_mode():
             generated = loaded.model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
                                               pad_token_id=pad_id(tokenizer))

@@ -23,10 +23,6 @@ class QATask(TaskBase):
         self.tokenizer, self.max_length, self.stride, self.max_answer_length = tokenizer, max_length, stride, max_answer_length
         self.label_names: list[str] = []
 
-    @property
-    def info(self) -> dict:
-        return {"stride": self.stride, "max_answer_length": self.max_answer_length}
-
     def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         """transformers' QA loss: the mean of the start and end positions' cross-entropies."""
         return model(**inputs, start_positions=targets[:, 0], end_positions=targets[:, 1]).loss
