@@ -8,7 +8,7 @@ global average pooling and a linear classifier. Shortcuts are parameter-free
 ResNet-20 has n = 3, ResNet-56 has n = 9.
 
 Used by recipes/cifar10-resnet20-eval.yaml and recipes/hymenoptera-resnet20.yaml as
-`model.factory: examples.cifar_resnet:resnet20`.
+`model.factory: examples/cifar_resnet.py:resnet20` (the file, from the project root).
 """
 
 from __future__ import annotations

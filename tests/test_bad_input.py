@@ -390,7 +390,7 @@ def non_utf8(tmp: Path, recipe: dict) -> list[str]:
     path = tmp / "latin1.tsv"
     path.write_bytes("sentence\tlabel\ngood movie\t1\ncaf\u00e9 film is bad\t0\n".encode("latin-1"))
     recipe["data"]["train"] = str(path)
-    return [str(path), "not UTF-8", "line 3"]
+    return [str(path), "not UTF-8", "line 3", "data.encoding"]
 
 
 def jsonl_broken_line(tmp: Path, recipe: dict) -> list[str]:
@@ -844,3 +844,60 @@ def test_malformed_model(make: ModelCase, tiny_bert_dir, tiny_vit_dir, text_data
     out = tmp_path / "run"
     code, err = run_train(write_recipe(env[changed[0]], tmp_path / "recipe.yaml"), out, capsys)
     assert_clear_error(code, err, expect, out)
+
+
+# ---------------------------------------------------------------- the command line and the console
+
+def test_a_one_megabyte_line_gives_a_short_error(tiny_bert_dir, text_data, tmp_path, capsys):
+    recipe = text_base(tiny_bert_dir, text_data)
+    recipe["data"]["train"] = str(tmp_path / "one-line.csv")
+    (tmp_path / "one-line.csv").write_text("x" * 2**20)  # no newline: the header is the whole file
+    code, err = run_train(write_recipe(recipe, tmp_path / "recipe.yaml"), tmp_path / "run", capsys)
+    assert_clear_error(code, err, ["no column 'sentence'", "characters left out"], tmp_path / "run")
+    assert len(err) < 2000
+
+
+def test_overrides_are_accepted_after_the_options(tiny_bert_dir, text_data, tmp_path, capsys):
+    recipe = write_recipe(text_base(tiny_bert_dir, text_data), tmp_path / "recipe.yaml")
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run"), "train.epochs=1", "train.max_steps=1"]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["steps"] == 1
+    assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run"), "--resume", "train.max_steps=2",
+                 "train.epochs=1"]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["steps"] == 2
+    with pytest.raises(SystemExit):  # anything else stays an error of the command line
+        main(["train", str(recipe), "--output-dir", str(tmp_path / "other"), "--no-such-option"])
+
+
+def test_a_folder_given_as_the_recipe_is_named_as_a_folder(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("model: {name: m}\n")
+    code, err = run_train(tmp_path / "recipes", None, capsys)
+    assert_clear_error(code, err, ["is a folder", "mine.yaml"])
+    assert "does not exist" not in err
+
+
+def test_data_encoding_reads_a_latin1_file(tiny_bert_dir, text_data, tmp_path, capsys):
+    rows = "sentence\tlabel\n" + "".join(f"caf\u00e9 {w} film\t{i % 2}\n" for i, w in enumerate(["good", "bad"] * 8))
+    (tmp_path / "latin1.tsv").write_bytes(rows.encode("latin-1"))
+    recipe = text_base(tiny_bert_dir, text_data)
+    recipe["data"].update(train=str(tmp_path / "latin1.tsv"), encoding="latin-1")
+    code, err = run_train(write_recipe(recipe, tmp_path / "recipe.yaml"), tmp_path / "run", capsys)
+    assert code == 0, err
+    # The folder remembers it: evaluate reads a Latin-1 file of the same kind.
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "latin1.tsv")]) == 0
+    recipe["data"]["encoding"] = "klingon-8"
+    code, err = run_train(write_recipe(recipe, tmp_path / "recipe.yaml"), tmp_path / "run2", capsys)
+    assert_clear_error(code, err, ["data.encoding", "unknown text encoding"], tmp_path / "run2")
+
+
+def test_many_classes_are_counted_not_all_printed(tiny_bert_dir, tmp_path, capsys):
+    labels = [f"intent_{i:02d}" for i in range(77)]
+    rows = [(f"good movie {i}", labels[i % 77]) for i in range(154)]
+    from conftest import write_tsv
+
+    data = {name: write_tsv(tmp_path / f"{name}.tsv", rows) for name in ("train", "validation")}
+    recipe = write_recipe(text_base(tiny_bert_dir, data), tmp_path / "recipe.yaml")
+    assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "77 labels (intent_00, intent_01" in out and "(+69)" in out and "intent_76" not in out

@@ -295,3 +295,56 @@ def test_malformed_safetensors_are_clean_errors(tmp_path):
     for path in (overlapping, oversized):
         with pytest.raises(ModelError, match="not a valid safetensors file"):
             read_state_dict(path)
+
+
+def _refit(folder, name: str, change) -> None:
+    """Rewrite one file of a checkpoint with `change` applied, its recorded size made to match (as an attacker,
+    or a checkpoint of another model copied in, would have it): it verifies as a file, not as this model's."""
+    state = json.loads((folder / "state.json").read_text())
+    change(folder / name)
+    state["files"][name] = (folder / name).stat().st_size
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("misfit", ["weights", "optimizer"])
+def test_a_checkpoint_that_does_not_fit_the_model_counts_as_damaged(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                    monkeypatch, misfit):
+    from safetensors.torch import load_file, save_file
+
+    data, expected = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
+    newest = tmp_path / "run" / "checkpoints" / "step-00000006"
+
+    def other_head(path):  # a head for 3 classes: valid safetensors, the wrong model
+        weights = load_file(str(path))
+        weights["classifier.weight"] = torch.zeros(3, 32)
+        save_file(weights, str(path))
+
+    def fewer_groups(path):  # valid weights-only torch file, another optimizer
+        state = torch.load(path, weights_only=True)
+        state["param_groups"] = state["param_groups"][:1]
+        torch.save(state, path)
+
+    _refit(newest, "model.safetensors" if misfit == "weights" else "optimizer.pt",
+           other_head if misfit == "weights" else fewer_groups)
+    strict = {**recipe, "train": {**recipe["train"], "strict_resume": True}}
+    with pytest.raises(ResumeError, match="do not fit the model|parameter groups"):
+        finetune(strict, resume=True)
+    resumed = finetune(recipe, resume=True)
+    why = _records(resumed.run_dir, "skipped_checkpoint")[0]["why"]
+    assert ("classifier.weight (3, 32) instead of (2, 32)" in why) if misfit == "weights" else "parameter groups" in why
+    assert _records(resumed.run_dir, "resume")[-1]["step"] == 3
+    assert _same(_final_weights(resumed.run_dir), expected)
+
+
+def test_metrics_of_steps_redone_after_a_resume_appear_once(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 8)  # logged steps 2, 4, 6, 8; the newest checkpoint is at step 6
+    resumed = finetune(recipe, resume=True)
+    steps = [r["step"] for r in _records(resumed.run_dir, "train")]
+    assert steps == sorted(set(steps)) and 8 in steps  # step 8 was logged twice: once by each attempt
+    assert _records(resumed.run_dir, "resume")[-1]["dropped_records"] == 1
+    evaluated = [r["step"] for r in _records(resumed.run_dir, "eval")]
+    assert evaluated == sorted(set(evaluated))

@@ -420,7 +420,8 @@ def test_feature_extraction_runs_the_backbone_as_a_fixed_extractor(tmp_path, ima
     assert weights["linear.1.weight"].shape == (16, 64) and weights["linear.4.weight"].shape == (2, 16)
     from tuneforge.models import load_model_folder
 
-    reloaded, _ = load_model_folder(result.run_dir / "model")  # the MLP head is rebuilt on reload
+    # the MLP head is rebuilt on reload, by the factory the user trusts
+    reloaded, _ = load_model_folder(result.run_dir / "model", factory="examples.cifar_resnet:resnet20")
     assert reloaded.model.net.linear[4].out_features == 2
 
     # The plan puts every backbone module in eval mode, the head in train mode.

@@ -13,11 +13,12 @@ def finetune(recipe, overrides=None, output_dir=None, resume=False, overwrite=Fa
     return run_finetune(recipe, overrides, output_dir=output_dir, resume=resume, overwrite=overwrite)
 
 
-def load(path):
-    """A trained model ready to predict: `tuneforge.load("runs/x").predict(["text", ...])` (see predictor.py)."""
+def load(path, factory=None):
+    """A trained model ready to predict: `tuneforge.load("runs/x").predict(["text", ...])` (see predictor.py).
+    A factory model needs the factory named by you: `factory=resnet20` or "examples/cifar_resnet.py:resnet20"."""
     from tuneforge.predictor import load as load_predictor
 
-    return load_predictor(path)
+    return load_predictor(path, factory)
 
 
 __all__ = ["DataError", "ModelError", "Recipe", "RecipeError", "ResumeError", "TuneforgeError", "finetune", "load",

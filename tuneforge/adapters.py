@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tuneforge.errors import ModelError, first_line
+from tuneforge.limits import MAX_COUNT
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,7 +34,7 @@ class AdapterSpec(BaseModel):
         "none", description="lora, dora (LoRA with a learned magnitude per output), ia3 (learned scaling vectors), "
                             "prompt (learned vectors inserted after the first token), prefix (learned keys and values "
                             "in every attention layer)")
-    rank: int = Field(8, gt=0, description="LoRA/DoRA: rank of the update")
+    rank: int = Field(8, gt=0, le=MAX_COUNT, description="LoRA/DoRA: rank of the update")
     alpha: float = Field(16.0, gt=0, description="LoRA/DoRA: the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA/DoRA: dropout on the adapter's input")
     target_modules: Literal["all-linear"] | list[str] | None = Field(
@@ -41,7 +42,7 @@ class AdapterSpec(BaseModel):
                           "for the architecture (BERT: query and value)")
     feedforward_modules: list[str] | None = Field(
         None, description="IA3: which of target_modules are feed-forward layers (scaled on their input)")
-    virtual_tokens: int = Field(20, gt=0, description="prompt: how many vectors are inserted; prefix: how many keys "
+    virtual_tokens: int = Field(20, gt=0, le=MAX_COUNT, description="prompt: how many vectors are inserted; prefix: how many keys "
                                                       "and values each attention layer gets")
     save_merged: bool = Field(False, description="also write RUN/model-merged/: the adapter merged into full weights")
 

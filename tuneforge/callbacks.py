@@ -16,15 +16,50 @@ from rich.console import Console
 
 from tuneforge.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
 from tuneforge.data.preflight import TaskData
-from tuneforge.errors import TrainingError
+from tuneforge.errors import TrainingError, TuneforgeError
 from tuneforge.freeze import FreezePlan
 from tuneforge.models import LoadedModel, save_model_folder
-from tuneforge.recipe import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe
+from tuneforge.recipe import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe, read_yaml
 from tuneforge.schedules import PlateauState, refresh_lr
 
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
 MERGED_DIR = "model-merged"  # with adapter.save_merged: the best model with its adapter folded into the weights
 FEATURE_CACHE_DIR = "feature_cache"  # per split: a frozen prefix's outputs (see feature_cache.py)
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.json")
+RUN_ENTRIES = (*RUN_FILES, MODEL_DIR, MERGED_DIR, CHECKPOINT_DIR, FEATURE_CACHE_DIR)  # all that a run directory holds
+
+
+def _own_names(entries: tuple[str, ...]) -> set[str]:
+    """`entries`, and the partial and old copies an interrupted swap of one leaves (.NAME.partial, .NAME.old)."""
+    return set(entries) | {f".{name}.{suffix}" for name in entries for suffix in ("partial", "old")}
+
+
+def foreign_entries(folder: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
+    """Names in `folder` that tuneforge did not write there."""
+    return sorted(path.name for path in folder.iterdir() if path.name not in _own_names(entries))
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` holds a run: its recipe.yaml is a resolved recipe, with every section a run saves (a
+    recipe a person wrote names only some). Only such a folder is resumed into or overwritten."""
+    saved = folder / "recipe.yaml"
+    try:
+        recipe = read_yaml(saved) if saved.is_file() else None
+    except TuneforgeError:
+        return False
+    return isinstance(recipe, dict) and set(recipe) >= {"model", "data", "task", "train", "optim", "eval", "output"}
+
+
+def clear_run_dir(run_dir: Path) -> list[str]:
+    """Remove a run directory's own entries, and only those: anything else in it stays where it is (returned)."""
+    for path in run_dir.iterdir():
+        if path.name not in _own_names(RUN_ENTRIES):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return foreign_entries(run_dir)
 
 
 def write_json_atomic(path: Path, content) -> None:
@@ -33,16 +68,22 @@ def write_json_atomic(path: Path, content) -> None:
     os.replace(partial, path)
 
 
-def replace_folder(folder: Path, write) -> None:
-    """Write a folder under a temporary name, then swap it in, so a reader never sees half of it."""
+def replace_folder(folder: Path, write):
+    """Write a folder under a temporary name, then swap it in, so a reader never sees half of it.
+    Returns what `write(temporary_folder)` returns."""
     partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
+    try:
+        result = write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written copy behind
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(folder, old)
     os.rename(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe, task,
@@ -56,7 +97,7 @@ def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Re
                 "label_names": data.label_names, "max_length": recipe.model.max_length, **task.info,
                 "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
                                                                       "label_column", "label_separator",
-                                                                      "image_column", "columns", "target_column",
+                                                                      "image_column", "columns", "encoding", "target_column",
                                                                       "source_language", "target_language",
                                                                       "prompt_column", "response_column"})}
         if recipe.task.type in TEXT_TASKS:  # how its datasets were built, so `evaluate` builds them the same way
@@ -101,6 +142,30 @@ def repair_run_dir(run_dir: Path) -> list[str]:
         repaired.append("restored model/ from an interrupted update")
     shutil.rmtree(run_dir / f".{MODEL_DIR}.partial", ignore_errors=True)
     return repaired
+
+
+def drop_redone_records(metrics: Path, step: int) -> int:
+    """Before a run resumes from `step`: drop the records of later steps (and the final results), which the
+    interrupted attempt wrote and the resumed one writes again, so a reader sees every step once. The file is
+    rewritten atomically; returns how many records were dropped."""
+    if not metrics.is_file():
+        return 0
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not _redone(line, step)]
+    if len(kept) != len(lines):
+        partial = metrics.with_name(f".{metrics.name}.partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, metrics)
+    return len(lines) - len(kept)
+
+
+def _redone(line: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # not ours to judge: keep it
+        return False
+    return isinstance(record, dict) and (record.get("type") == "final" or
+                                         (isinstance(record.get("step"), int) and record["step"] > step))
 
 
 class Run:

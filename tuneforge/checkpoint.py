@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from tuneforge.errors import StorageError
+from tuneforge.weights import misfit
 
 PREFIX = "step-"
 FROZEN_FILE = "frozen.safetensors"
@@ -163,11 +164,13 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=_step)
 
 
-def verify_checkpoint(folder: Path) -> str | None:
+def verify_checkpoint(folder: Path, model=None, optimizer=None) -> str | None:
     """Why a checkpoint cannot be trusted (None if it can), read without changing anything.
 
     Every file is opened as loading would open it: JSON, safetensors headers and data,
-    the optimizer state through the weights-only unpickler (which refuses code).
+    the optimizer state through the weights-only unpickler (which refuses code). Given the
+    model and optimizer, the checkpoint must also fit them: every weight by name and shape,
+    the optimizer's parameter groups and the shapes of its state.
     """
     try:
         record = json.loads((folder / "state.json").read_text())
@@ -175,11 +178,12 @@ def verify_checkpoint(folder: Path) -> str | None:
             actual = (folder / name).stat().st_size
             if actual != size:
                 return f"{name} has {actual} bytes, {size} were written"
+        shapes = {}
         for name in _weight_files(folder, record):
             with safe_open(str(folder / name), framework="pt") as weights:
                 for key in weights.keys():
-                    weights.get_tensor(key)
-        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+                    shapes[key] = tuple(weights.get_tensor(key).shape)
+        optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         if (folder / "rng.safetensors").exists():
             load_file(str(folder / "rng.safetensors"))
     except FileNotFoundError as error:
@@ -188,6 +192,37 @@ def verify_checkpoint(folder: Path) -> str | None:
         return "optimizer.pt needs code execution to load (refused: it is not a plain tensor file)"
     except Exception as error:  # any parse failure means the same thing: do not load it
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    problem = _weights_misfit(model, shapes) if model is not None else None
+    if problem is None and optimizer is not None:
+        problem = _optimizer_misfit(optimizer, optimizer_state)
+    return problem
+
+
+def _weights_misfit(model, shapes: dict[str, tuple]) -> str | None:
+    """Why saved weights (name -> shape) do not fit `model`. Tied weights are saved under one of their names."""
+    state = model.state_dict()
+    tied: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        tied.setdefault(_storage(tensor), []).append(name)
+    missing = [names[0] for names in tied.values() if not any(name in shapes for name in names)]
+    wrong = [f"{name} {shapes[name]} instead of {tuple(state[name].shape)}" for name in shapes
+             if name in state and shapes[name] != tuple(state[name].shape)]
+    problem = misfit(sorted(missing), wrong, sorted(set(shapes) - set(state)))
+    return f"its weights do not fit the model: {problem}" if problem else None
+
+
+def _optimizer_misfit(optimizer, saved: dict) -> str | None:
+    """Why a saved optimizer state does not fit `optimizer`: other parameter groups, or moments of other shapes."""
+    groups = [len(group["params"]) for group in optimizer.param_groups]
+    saved_groups = [len(group.get("params", [])) for group in saved.get("param_groups", [])]
+    if groups != saved_groups:
+        return f"its optimizer has parameter groups of {saved_groups} parameters, this run's of {groups}"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    for param, index in zip(params, ids):
+        for key, value in saved.get("state", {}).get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                return f"its optimizer's {key} has shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
     return None
 
 

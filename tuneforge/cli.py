@@ -29,14 +29,14 @@ def _evaluate(args) -> None:
 
     from tuneforge.inference import evaluate_run
 
-    metrics = evaluate_run(args.run, args.data, output=args.output)
+    metrics = evaluate_run(args.run, args.data, output=args.output, factory=args.trust_factory)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "per_class")}, indent=2))
 
 
 def _predict(args) -> None:
     from tuneforge.inference import predict_run
 
-    count = predict_run(args.run, args.input, args.output, args.draw)
+    count = predict_run(args.run, args.input, args.output, args.draw, factory=args.trust_factory)
     print(f"wrote {count} predictions to {args.output}")
 
 
@@ -48,13 +48,13 @@ def _inspect(args) -> None:
     if args.model is None and args.recipe is None:
         raise RecipeError(["inspect needs a MODEL or --recipe RECIPE"])
     inspect_model(args.model, weights=args.weights, num_labels=args.num_labels, recipe=args.recipe,
-                  overrides=args.overrides)
+                  overrides=args.overrides, factory=args.trust_factory)
 
 
 def _export(args) -> None:
     from tuneforge.export import export_run
 
-    result = export_run(args.run, args.format, args.output, overwrite=args.overwrite)
+    result = export_run(args.run, args.format, args.output, overwrite=args.overwrite, factory=args.trust_factory)
     check = "" if result.max_abs_diff is None else f"; max |logit difference| vs PyTorch {result.max_abs_diff:.2e}"
     print(f"exported {args.format} to {result.folder} (model card: {result.folder / 'README.md'}){check}")
 
@@ -72,7 +72,12 @@ def _serve(args) -> None:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                              max_inputs=args.max_inputs, max_text_chars=args.max_text_chars,
                              max_concurrent=args.max_concurrent, timeout_s=args.timeout, token=token)
-    serve(args.run, args.host, args.port, settings)
+    serve(args.run, args.host, args.port, settings, factory=args.trust_factory)
+
+
+TRUST_FACTORY_HELP = ("a model built by a factory: the factory you trust to rebuild it, 'package.module:function' "
+                      "(found on PYTHONPATH) or 'path/to/file.py:function'; it must match the one the model folder "
+                      "names. Nothing named inside a model folder is ever imported or run without it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="run directory (or its model/ folder)")
     evaluate.add_argument("--data", required=True, help="labelled data, same format and columns as in training")
     evaluate.add_argument("--output", help="also write all metrics to this JSON file")
+    evaluate.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="labels and probabilities for new inputs")
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="table with the text column, an image, or a folder of images")
     predict.add_argument("--output", required=True, help=".jsonl or .csv file to write")
     predict.add_argument("--draw", help="detection: also write each image with its boxes drawn into this folder")
+    predict.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="write a run's model for deployment, with a model card")
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hf: from_pretrained folder; onnx: checked with onnxruntime; torch-export: a .pt2 program")
     export.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
     export.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    export.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     export.set_defaults(handler=_export)
 
     from tuneforge.serve import ServeSettings  # plain settings: importing them loads no model code
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent, help="more requests in flight get 429")
     serve.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request before 504")
     serve.add_argument("--token-env", help="require 'Authorization: Bearer TOKEN', TOKEN read from this environment variable")
+    serve.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     serve.set_defaults(handler=_serve)
 
     inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
@@ -141,12 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("overrides", nargs="*", help="key.path=value overrides for --recipe")
     inspect.add_argument("--weights", help="weights file for a 'module:function' model")
     inspect.add_argument("--num-labels", type=int, default=2, help="size of the head to attach (default 2)")
+    inspect.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     inspect.set_defaults(handler=_inspect)
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key.path=value overrides accepted anywhere on it (also after the options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.handler(args)
     except TuneforgeError as error:

@@ -14,7 +14,6 @@ Every format also gets the preprocessor files, tuneforge.json (labels, columns, 
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,8 @@ from torch import nn
 
 from tuneforge.adapters import AdapterSpec, merged_copy
 from tuneforge.errors import ModelError, StorageError, TuneforgeError
-from tuneforge.inference import model_folder
+from tuneforge.callbacks import replace_folder
+from tuneforge.inference import model_folder, read_model_info
 from tuneforge.model_card import write_model_card
 from tuneforge.models import LoadedModel, example_inputs, load_model_folder, save_model_folder
 
@@ -116,15 +116,50 @@ def _export_torch(loaded: LoadedModel, target: Path) -> float:
         return float((reloaded(*check.values()) - wrapper(*check.values())).abs().max())
 
 
-def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = False) -> ExportResult:
+EXPORT_MARKERS = ("tuneforge.json", "config.json", "README.md")  # what every export holds
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """An export replaces only an empty folder or, with --overwrite, an earlier export: never other files."""
+    if output.exists() and not output.is_dir():
+        raise StorageError([f"--output {output} is a file; choose a folder"])
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise StorageError([f"{output} exists and is not empty; choose another --output or pass --overwrite"])
+    is_export = all((output / name).is_file() for name in EXPORT_MARKERS) and not any(p.is_dir() for p in output.iterdir())
+    if not is_export:
+        raise StorageError([f"{output} is not an earlier tuneforge export (no {', '.join(EXPORT_MARKERS)}, or it holds "
+                            "folders); --overwrite replaces only an export: choose another --output"])
+
+
+def _export_checked(loaded: LoadedModel, target: Path, fmt: str) -> float:
+    """Write the onnx or torch-export program into `target`; its largest logit difference from PyTorch."""
+    exporter, name = (_export_onnx, "model.onnx") if fmt == "onnx" else (_export_torch, "model.pt2")
+    try:
+        with warnings.catch_warnings():  # tracing notes about Python branches; the check below is what counts
+            warnings.simplefilter("ignore")
+            difference = exporter(loaded, target / name)
+    except TuneforgeError:
+        raise
+    except Exception as error:  # the exporters raise many types; the message is what matters
+        raise ModelError([f"this model cannot be exported as {fmt}: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}"]) from None
+    if difference > TOLERANCE:
+        raise ModelError([f"the {fmt} export differs from PyTorch by up to {difference:.2e} in the logits "
+                          f"(tolerance {TOLERANCE:g}); not using it"])
+    return difference
+
+
+def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = False, factory=None) -> ExportResult:
     """Export a run (or a model folder) to `output`; raises when the exported model disagrees with PyTorch."""
     if fmt not in FORMATS:
         raise ModelError([f"--format {fmt!r} is not one of {', '.join(FORMATS)}"])
     source, output = model_folder(run), Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise StorageError([f"{output} exists and is not empty; choose another --output or pass --overwrite"])
-    loaded, labels = load_model_folder(source)
-    task = json.loads((source / "tuneforge.json").read_text()).get("task")
+    _check_output(output, overwrite)
+    info = read_model_info(source)
+    loaded, labels = load_model_folder(source, factory)
+    task = info.get("task")
     if task == "detection" and fmt != "hf":
         raise ModelError([f"--format {fmt} exports a model's logits only; a detection model also outputs boxes, which "
                           "these formats do not carry yet: export it with --format hf"])
@@ -138,36 +173,23 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])
     loaded = _plain(loaded)
-    info = _fold_target_scaling(loaded, json.loads((source / "tuneforge.json").read_text()))
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    try:
+    info = _fold_target_scaling(loaded, info)
+
+    def write(target: Path) -> float | None:  # into a sibling folder, swapped in whole: never a half-written export
+        target.mkdir(parents=True)
+        difference = None
         if fmt == "hf":
-            save_model_folder(loaded, output, labels)
-            difference = None
+            save_model_folder(loaded, target, labels)
         else:
-            loaded.preprocessor.save_pretrained(output)
-            (output / "config.json").write_text(json.dumps(
+            loaded.preprocessor.save_pretrained(target)
+            (target / "config.json").write_text(json.dumps(
                 {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt,
                  "task": info.get("task", "classification"), "inputs": list(example_inputs(loaded, 1)),
                  "outputs": ["logits"]}, indent=2))
-            exporter, name = (_export_onnx, "model.onnx") if fmt == "onnx" else (_export_torch, "model.pt2")
-            try:
-                with warnings.catch_warnings():  # tracing notes about Python branches; the check below is what counts
-                    warnings.simplefilter("ignore")
-                    difference = exporter(loaded, output / name)
-            except TuneforgeError:
-                raise
-            except Exception as error:  # the exporters raise many types; the message is what matters
-                raise ModelError([f"this model cannot be exported as {fmt}: {type(error).__name__}: "
-                                  f"{str(error).splitlines()[0] if str(error) else ''}"]) from None
-            if difference > TOLERANCE:
-                raise ModelError([f"the {fmt} export differs from PyTorch by up to {difference:.2e} in the logits "
-                                  f"(tolerance {TOLERANCE:g}); not using it"])
-        (output / "tuneforge.json").write_text(json.dumps(info, indent=2))
-        write_model_card(run, source, output, fmt, difference)
-    except BaseException:
-        shutil.rmtree(output, ignore_errors=True)  # never leave a half-written export that looks complete
-        raise
-    return ExportResult(output, fmt, difference)
+            difference = _export_checked(loaded, target, fmt)
+        (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
+        write_model_card(run, source, target, fmt, difference)
+        return difference
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return ExportResult(output, fmt, replace_folder(output, write))

@@ -31,6 +31,7 @@ from torch import nn
 
 from tuneforge.errors import RecipeError
 from tuneforge.groups import LayerGroup, covering_modules, frozen_prefix
+from tuneforge.limits import MAX_COUNT, MAX_STEPS
 
 SELECTORS_HELP = ("group names as `tuneforge inspect` shows them (embeddings or stem, block.K, neck, head), "
                   "or all, backbone (all but the head), blocks, last:N (the last N blocks)")
@@ -40,7 +41,7 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: float | None = Field(None, gt=0, description="stage length in epochs")
-    steps: int | None = Field(None, gt=0, description="stage length in optimizer steps")
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="stage length in optimizer steps")
     train: list[str] = Field(min_length=1, description=SELECTORS_HELP)
     lr_multiplier: float = Field(1.0, gt=0, description="multiplies every group's learning rate in this stage")
 
@@ -55,8 +56,9 @@ class FreezeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive", "bitfit"] = "full"
-    trainable_blocks: int | None = Field(None, gt=0, description="partial: how many of the last blocks train")
-    head_hidden: int | None = Field(None, gt=0, description="feature_extraction: hidden width of an MLP head (factory models)")
+    trainable_blocks: int | None = Field(None, gt=0, le=MAX_COUNT, description="partial: how many of the last blocks train")
+    head_hidden: int | None = Field(None, gt=0, le=MAX_COUNT,
+                                    description="feature_extraction: hidden width of an MLP head (factory models)")
     stages: list[StageSpec] | None = Field(None, description="progressive: the stages in order")
     include: list[str] = Field(default_factory=list, description="regexes of parameter names that always train")
     exclude: list[str] = Field(default_factory=list, description="regexes of parameter names that never train")

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from tuneforge.data.loaders import make_dataset, make_loader
 from tuneforge.data.preflight import check_split, check_targets, encode_targets, unknown_labels
 from tuneforge.data.sources import read_split
-from tuneforge.errors import DataError, ModelError
+from tuneforge.errors import DataError, ModelError, first_line, listing
 from tuneforge.loop import predict_logits
 from tuneforge.models import LoadedModel, load_model_folder
 from tuneforge.recipe import TEXT_TASKS
@@ -24,6 +24,18 @@ def model_folder(run: str | Path) -> Path:
     if not (folder / "config.json").is_file() or not (folder / "tuneforge.json").is_file():
         raise ModelError([f"{run} is neither a run directory nor a tuneforge model folder (no model/config.json)"])
     return folder
+
+
+def read_model_info(folder: Path) -> dict:
+    """A model folder's tuneforge.json, or a clear error when it is damaged."""
+    try:
+        info = json.loads((folder / "tuneforge.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError([f"{folder / 'tuneforge.json'} is damaged ({first_line(error)}); export or train the model "
+                          "again"]) from None
+    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
+        raise ModelError([f"{folder / 'tuneforge.json'} is not a tuneforge model description"])
+    return info
 
 
 def _prepared(predictor, split, targets: list):
@@ -39,11 +51,12 @@ def _logits(predictor, split, targets: list):
     return predict_logits(*_prepared(predictor, split, targets))
 
 
-def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
-    """All of the task's metrics for a run's model on a labelled file or image folder."""
+def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None, factory=None) -> dict:
+    """All of the task's metrics for a run's model on a labelled file or image folder (`factory`: see
+    tuneforge.load)."""
     from tuneforge.predictor import load
 
-    predictor = load(run)
+    predictor = load(run, factory)
     info, spec, kind = predictor.info, predictor.data_spec, predictor.task.name
     if kind in TEXT_TASKS:
         metrics = predictor.task.evaluate(*_text_task_loader(predictor, data))
@@ -108,15 +121,15 @@ def _text_task_inputs(predictor, inputs: str | Path) -> tuple[list, list[str]]:
             raise DataError(problems)
         return [{"question": e.question, "context": e.context} for e in examples], [e.id for e in examples]
     if path.suffix == ".txt":
-        lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+        lines = [(i, line) for i, line in enumerate(path.read_text(encoding=spec.encoding).splitlines()) if line.strip()]
         return [line for _, line in lines], [f"{path.name}:{i + 1}" for i, _ in lines]
     fmt = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
-    frame = read_table(path, fmt, spec.columns)
+    frame = read_table(path, fmt, spec.columns, spec.encoding)
     columns = {"qa": ["question", "context"], "captioning": [spec.image_column],
                "causal_lm": [spec.prompt_column or spec.text_column]}.get(kind, [spec.text_column])
     absent = [c for c in columns if c not in frame.columns]
     if absent:
-        raise DataError([f"{inputs} has no column(s) {absent}; its columns are {list(frame.columns)}"])
+        raise DataError([f"{inputs} has no column(s) {absent}; its columns are {listing(map(str, frame.columns))}"])
     rows = [f"{path.name}:{i + (2 if fmt in ('csv', 'tsv') else 1)}" for i in range(len(frame))]
     if kind == "qa":
         return [{"question": q, "context": c} for q, c in zip(frame["question"], frame["context"])], rows
@@ -139,13 +152,14 @@ def _segmentation_problems(split, predictor) -> list[str]:
     return []
 
 
-def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: str | Path | None = None) -> int:
+def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: str | Path | None = None,
+                factory=None) -> int:
     """Write the task's prediction per input row (or image) to a .jsonl or .csv file. Segmentation also
     writes each predicted mask, at its image's size, as OUTPUT-masks/<image name>.png (class index per pixel);
     detection with `draw`, each image with its boxes drawn, into that folder."""
     from tuneforge.predictor import load
 
-    predictor = load(run)
+    predictor = load(run, factory)
     spec = predictor.data_spec
     if predictor.task.name in TEXT_TASKS:
         items, rows = _text_task_inputs(predictor, inputs)
@@ -233,7 +247,7 @@ def _detect(predictor, split, draw: Path | None) -> list[dict]:
 
 
 def inspect_model(reference: str | None, weights: str | None = None, num_labels: int = 2,
-                  recipe: str | None = None, overrides: list[str] | None = None) -> list:
+                  recipe: str | None = None, overrides: list[str] | None = None, factory=None) -> list:
     """Print the layer groups (stem/embeddings, each block, neck, head) with parameter counts,
     and with a recipe, what trains in each stage of its freezing plan."""
     from rich.console import Console
@@ -244,7 +258,7 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
     if recipe is not None:
         loaded, plan_rows, fixed = _recipe_model_and_plan(recipe, overrides or [])
     else:
-        loaded, plan_rows, fixed = _reference_model(reference, weights, num_labels), None, []
+        loaded, plan_rows, fixed = _reference_model(reference, weights, num_labels, factory), None, []
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     console.print(render_groups(groups))
     if plan_rows:
@@ -262,13 +276,13 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
     return groups
 
 
-def _reference_model(reference: str, weights: str | None, num_labels: int) -> LoadedModel:
+def _reference_model(reference: str, weights: str | None, num_labels: int, factory=None) -> LoadedModel:
     from tuneforge.models import load_model
     from tuneforge.recipe import ImageSpec, ModelSpec
 
     path = Path(reference)
     if (path / "tuneforge.json").is_file() or (path / "model" / "tuneforge.json").is_file():
-        return load_model_folder(model_folder(path))[0]
+        return load_model_folder(model_folder(path), factory)[0]
     if ":" in reference and not reference.startswith("pkg:") and not path.exists():
         spec = ModelSpec(factory=reference, weights=weights, pretrained=weights is not None)
     else:

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-import yaml
+from tuneforge.recipe import read_yaml
 
 SUMMARY_METRICS = {
     "classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss"),
@@ -104,7 +104,7 @@ def _interval(accuracy: float | None, count: int | None) -> str:
 def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: float | None) -> str:
     info = json.loads((model_dir / "tuneforge.json").read_text())
     has_run = run_dir is not None and (run_dir / "recipe.yaml").is_file()
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if has_run else None
+    recipe = read_yaml(run_dir / "recipe.yaml") if has_run else None
     records = _records(run_dir) if has_run else []
     result = json.loads((run_dir / "eval.json").read_text()) if has_run and (run_dir / "eval.json").exists() else {}
     data, parameters = _first(records, "data"), _first(records, "parameters")

@@ -7,18 +7,20 @@ Two sources, one result (`LoadedModel`):
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tuneforge.errors import ModelError, first_line
-from tuneforge.weights import read_state_dict
+from tuneforge.errors import ModelError, TuneforgeError, first_line
+from tuneforge.weights import misfit, read_state_dict, safetensors_shapes, weights_fit
 
 FACTORY_CONFIG_KEY = "tuneforge_factory"
 
@@ -73,24 +75,81 @@ def resolve_model_path(name: str) -> str:
     if not name.startswith("pkg:"):
         return name
     package, _, sub = name[4:].partition("/")
+    # A dotted name would import its parent packages to find it; a plain name is only located, never run.
+    if not package.isidentifier():
+        raise ModelError([f"model.name {name!r}: {package!r} is not a top-level package name (pkg:PACKAGE/dir)"])
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError([f"model.name {name!r}: package {package!r} is not installed (pip install {package.replace('_', '-')})"])
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
-def import_factory(reference: str):
-    module_name, _, function_name = reference.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # so 'examples.cifar_resnet:resnet20' works from the project root
+# ---------------------------------------------------------------- factories: code the user names, never a folder
+
+Factory = Callable[..., nn.Module]
+
+
+def import_factory(reference: str, setting: str = "model.factory") -> Factory:
+    """The function a user named (in `setting`): 'package.module:function', imported from sys.path as it is
+    (tuneforge never adds to it), or 'path/to/file.py:function', that file loaded by its path (relative to the
+    working directory)."""
+    module_name, _, function_name = reference.rpartition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ModelError([f"model.factory {reference!r}: cannot import {module_name!r} ({error})"]) from None
+        module = _module_from_file(Path(module_name).expanduser()) if module_name.endswith(".py") else \
+            importlib.import_module(module_name)
+    except ModelError:
+        raise
+    except Exception as error:  # ImportError, or whatever the user's module raises while it is imported
+        raise ModelError([f"{setting} {reference!r}: cannot import {module_name!r} ({type(error).__name__}: "
+                          f"{first_line(error)}); a module is found on the Python path (PYTHONPATH), a file by "
+                          "its path: path/to/file.py:function"]) from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
-        raise ModelError([f"model.factory {reference!r}: {module_name} has no function {function_name!r}"])
+        raise ModelError([f"{setting} {reference!r}: {module_name} has no function {function_name!r}"])
     return factory
+
+
+def _module_from_file(path: Path):
+    if not path.is_file():
+        raise ModelError([f"factory file {path} does not exist (give 'path/to/file.py:function' or "
+                          "'package.module:function')"])
+    path = path.resolve()
+    name = f"tuneforge_factory_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up here
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _factory_name(reference: str) -> tuple[str, str]:
+    """(module name without its package or folder, function name): what must match between a folder and the user."""
+    module, _, function = reference.rpartition(":")
+    return (Path(module).stem if module.endswith(".py") else module.rpartition(".")[2]), function
+
+
+def trusted_factory(saved: str, trusted: str | Factory | None, folder: Path) -> Factory:
+    """The factory a saved folder was built with, only if the user named it: a folder is data, and loading
+    it must never import or call anything written inside it. The user's name must match the folder's by
+    module and function name (its package or path may differ, so a model loads from anywhere)."""
+    if trusted is None:
+        raise ModelError([f"{folder} was built by the factory {saved!r}, and tuneforge never runs code named inside a "
+                          f"model folder. If you trust that function, name it yourself: --trust-factory "
+                          f"MODULE:FUNCTION or path/to/file.py:FUNCTION (Python: tuneforge.load(path, factory=...))"])
+    if callable(trusted):
+        matches = getattr(trusted, "__name__", None) == _factory_name(saved)[1]
+        given = getattr(trusted, "__qualname__", repr(trusted))
+    else:
+        matches, given = _factory_name(trusted) == _factory_name(saved), trusted
+    if not matches:
+        raise ModelError([f"{folder} was built by the factory {saved!r}, not by {given!r} (the trusted factory); "
+                          "name the factory the folder was built with"])
+    return trusted if callable(trusted) else import_factory(trusted, "--trust-factory")
 
 
 def _get_module(model: nn.Module, path: str) -> nn.Module:
@@ -410,8 +469,7 @@ def load_text_task_model(spec, image_spec, task: str, name: str, config, common:
 
 # ---------------------------------------------------------------- factory models
 
-def _call_factory(reference: str, kwargs: dict) -> nn.Module:
-    factory = import_factory(reference)
+def _call_factory(factory: Factory, reference: str, kwargs: dict) -> nn.Module:
     try:
         net = factory(**kwargs)
     except Exception as error:  # the user's code: report it with what it was called with
@@ -429,18 +487,21 @@ def _attach_head(net: nn.Module, head: str, num_labels: int, dropout: float, hid
     _set_module(net, head, new_classifier(old.in_features, num_labels, dropout, hidden))
 
 
-def build_factory_model(factory: dict, num_labels: int) -> FactoryClassifier:
-    """Rebuild a saved factory model's architecture (weights are loaded by the caller)."""
-    net = _call_factory(factory["factory"], factory.get("factory_kwargs", {}))
+def build_factory_model(factory: dict, num_labels: int, function: Factory) -> FactoryClassifier:
+    """Rebuild a saved factory model's architecture with the user's trusted `function` (weights are loaded
+    by the caller)."""
+    net = _call_factory(function, factory["factory"], factory.get("factory_kwargs", {}))
     if factory.get("new_head", True):
         _attach_head(net, factory["head"], num_labels, factory.get("head_dropout", 0.0), factory.get("head_hidden"))
     return FactoryClassifier(net)
 
 
-def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
+def load_factory_model(spec, labels: list[str], image_spec, function: Factory | None = None) -> LoadedModel:
+    """A factory model with a new head. `function`: the factory already resolved (a trusted one, when an adapter
+    folder rebuilds its base); else the recipe's model.factory, which the user named, is imported."""
     if image_spec.size is None:
         raise ModelError(["a factory model needs data.image.size (and usually data.image.mean / std) for its preprocessing"])
-    net = _call_factory(spec.factory, spec.factory_kwargs)
+    net = _call_factory(function or import_factory(spec.factory), spec.factory, spec.factory_kwargs)
     own = net.state_dict()
     report = LoadReport(new=sorted(own))
     if spec.pretrained:
@@ -475,15 +536,17 @@ def load_factory_model(spec, labels: list[str], image_spec) -> LoadedModel:
                        [f"net.{head}"] if spec.new_head else [], report, factory)
 
 
-def load_model(spec, labels: list[str], image_spec, task: str = "classification") -> LoadedModel:
-    """The pretrained model with a new head for `labels` (task.type decides which head)."""
+def load_model(spec, labels: list[str], image_spec, task: str = "classification",
+               factory: Factory | None = None) -> LoadedModel:
+    """The pretrained model with a new head for `labels` (task.type decides which head); `factory`: see
+    load_factory_model."""
     if spec.factory and task in TEXT_TASK_CLASSES:
         raise ModelError([f"task.type {task} needs a Hugging Face model (model.name), not a factory model"])
     if spec.factory:
         if task == "segmentation":
             raise ModelError(["task.type segmentation needs a Hugging Face segmentation model (model.name), "
                               "not a factory model"])
-        return load_factory_model(spec, labels, image_spec)
+        return load_factory_model(spec, labels, image_spec, factory)
     return load_hf_model(spec, labels, image_spec, task)
 
 
@@ -575,95 +638,124 @@ def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str], trai
     loaded.preprocessor.save_pretrained(folder)
 
 
-def load_adapter_folder(folder: Path, labels: list[str]) -> LoadedModel:
-    """Rebuild the pretrained base named in adapter_config.json, attach the adapter, load the saved delta."""
+def load_adapter_folder(folder: Path, labels: list[str], factory: str | Factory | None = None) -> LoadedModel:
+    """Rebuild the pretrained base named in adapter_config.json, attach the adapter, load the saved delta.
+
+    The base is named by the folder, which is data: its settings that could run code (remote code, full
+    pickle) are never taken from it, and a factory base needs the user's trusted `factory`."""
     from safetensors.torch import load_file
 
     from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterSpec, apply_adapter
     from tuneforge.recipe import ImageSpec, ModelSpec
 
     base = json.loads((folder / ADAPTER_CONFIG).read_text())
-    spec = ModelSpec(**base["model"])
+    spec = ModelSpec(**{**base["model"], "trust_remote_code": False, "allow_unsafe_pickle": False})
+    function = trusted_factory(spec.factory, factory, folder) if spec.factory else None
     try:
-        loaded = load_model(spec, labels, ImageSpec(**base["image"]), base.get("task", "classification"))
+        loaded = load_model(spec, labels, ImageSpec(**base["image"]), base.get("task", "classification"), function)
     except ModelError as error:
         raise ModelError([f"{folder} holds an adapter over {spec.name or spec.factory}, which must be available to load "
                           f"it: {error.problems[0]}"]) from None
     apply_adapter(loaded, AdapterSpec(**base["adapter"]), spec, ImageSpec(**base["image"]))
     delta = load_file(str(folder / ADAPTER_FILE))
-    unknown = sorted(set(delta) - set(loaded.model.state_dict()))
+    own = loaded.model.state_dict()
     head = [name for name, _ in loaded.model.named_parameters()
             if any(name.startswith(prefix + ".") for prefix in loaded.head_prefixes)]
-    missing = [name for name in head if name not in delta]
-    if unknown or missing:  # a head left at its random initialisation would predict noise
-        raise ModelError([f"{folder / ADAPTER_FILE} does not fit the rebuilt model: unknown weights {unknown[:5]}, "
-                          f"missing head weights {missing[:5]}"])
+    # A head left at its random initialisation would predict noise: every head weight must be in the file.
+    problem = weights_fit({k: own[k].shape for k in head}, {k: v.shape for k, v in delta.items()},
+                          allowed={k: v.shape for k, v in own.items()})
+    if problem:
+        raise ModelError([f"{folder / ADAPTER_FILE} does not fit the rebuilt model: {problem}"])
     loaded.model.load_state_dict(delta, strict=False)
     loaded.report = LoadReport()
     return loaded
 
 
-def load_model_folder(folder: Path) -> tuple[LoadedModel, list[str]]:
-    """Reload a folder written by save_model_folder; returns the model and its labels (class order)."""
-    from safetensors.torch import load_model as load_safetensors_into
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def load_model_folder(folder: Path, factory: str | Factory | None = None) -> tuple[LoadedModel, list[str]]:
+    """Reload a folder written by save_model_folder; returns the model and its labels (class order).
 
-    from tuneforge.adapters import ADAPTER_CONFIG
+    A folder is data from anyone: nothing named in it is imported or called (a factory model needs the
+    user's trusted `factory`), every weight of the model must come from its files with its shape, and a
+    damaged folder is a ModelError, never a traceback."""
+    try:
+        return _load_model_folder(folder, factory)
+    except TuneforgeError:
+        raise
+    except Exception as error:  # damaged JSON, weights or tokenizer files: transformers and safetensors raise many kinds
+        raise ModelError([f"{folder}: cannot load the model ({type(error).__name__}: {first_line(error)}); the folder "
+                          "is damaged or incomplete: export or train it again"]) from None
+
+
+def _load_model_folder(folder: Path, factory: str | Factory | None) -> tuple[LoadedModel, list[str]]:
+    from safetensors.torch import load_model as load_safetensors_into
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 
     _quiet_transformers()
     config = json.loads((folder / "config.json").read_text())
     names = config.get("id2label", {})  # text generators save none: they have no classes
     labels = [names[str(i)] for i in range(len(names))]
-    if (folder / ADAPTER_CONFIG).is_file():
-        loaded = load_adapter_folder(folder, labels)
+    adapter = (folder / ADAPTER_CONFIG).is_file()
+    weights = folder / (ADAPTER_FILE if adapter else "model.safetensors")
+    if not weights.is_file() or weights.stat().st_size == 0:
+        raise ModelError([f"{folder}: {weights.name} is {'empty' if weights.is_file() else 'missing'}; the folder is "
+                          "incomplete: export or train it again"])
+    if adapter:
+        loaded = load_adapter_folder(folder, labels, factory)
         if loaded.modality == "text":  # the saved tokenizer, in case the base's differs
             loaded.preprocessor = AutoTokenizer.from_pretrained(folder)
         return loaded, labels
     if FACTORY_CONFIG_KEY in config:
-        factory = config[FACTORY_CONFIG_KEY]
-        model = build_factory_model(factory, len(labels))
-        load_safetensors_into(model.net, str(folder / "model.safetensors"))
+        saved = config[FACTORY_CONFIG_KEY]
+        model = build_factory_model(saved, len(labels), trusted_factory(saved["factory"], factory, folder))
+        problem = weights_fit({k: v.shape for k, v in model.net.state_dict().items()}, safetensors_shapes(weights))
+        if problem:
+            raise ModelError([f"{weights} does not fit the model its folder describes: {problem}"])
+        load_safetensors_into(model.net, str(weights))
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-        return LoadedModel(model, processor, "image", [f"net.{factory['head']}"], LoadReport(), factory), labels
+        return LoadedModel(model, processor, "image", [f"net.{saved['head']}"], LoadReport(), saved), labels
     info = folder / "tuneforge.json"
     task = json.loads(info.read_text()).get("task") if info.is_file() else None
-    if task in TEXT_TASK_CLASSES:
-        import transformers
-
-        model = getattr(transformers, TEXT_TASK_CLASSES[task][0]).from_pretrained(folder)
-        processor = CaptionProcessor.from_pretrained(folder) if task == "captioning" else AutoTokenizer.from_pretrained(folder)
-        return LoadedModel(model, processor, "image" if task == "captioning" else "text", text_head_prefixes(model, task),
-                           LoadReport()), []
-    if task in ("segmentation", "detection"):
-        from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
-
-        auto_class = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForObjectDetection
-        model = auto_class.from_pretrained(folder)
-        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-        return LoadedModel(model, processor, "image", _hf_head_prefixes(model), LoadReport()), labels
-    modality = _hf_modality(AutoConfig.from_pretrained(folder))
-    if modality == "image":
-        model = AutoModelForImageClassification.from_pretrained(folder)
-        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    auto_class, modality = _saved_model_class(folder, task)
+    model, loading = auto_class.from_pretrained(folder, output_loading_info=True)
+    problem = misfit(sorted(loading["missing_keys"]), [f"{key} {tuple(found)} instead of {tuple(wanted)}" for key, found,
+                     wanted in loading.get("mismatched_keys", [])], sorted(loading["unexpected_keys"]))
+    if problem:  # transformers would start those weights at random and predict noise without a word
+        raise ModelError([f"{weights} does not fit the model its folder describes: {problem}"])
+    if task == "captioning":
+        processor = CaptionProcessor.from_pretrained(folder)
+    elif modality == "text":
         processor = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model, processor, modality, _hf_head_prefixes(model), LoadReport()), labels
+    else:
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    head = text_head_prefixes(model, task) if task in TEXT_TASK_CLASSES else _hf_head_prefixes(model)
+    return LoadedModel(model, processor, modality, head, LoadReport()), labels
+
+
+def _saved_model_class(folder: Path, task: str | None):
+    """The transformers class a saved folder of `task` loads with, and its input modality."""
+    import transformers
+
+    if task in TEXT_TASK_CLASSES:
+        return getattr(transformers, TEXT_TASK_CLASSES[task][0]), "image" if task == "captioning" else "text"
+    if task in ("segmentation", "detection"):
+        return (transformers.AutoModelForSemanticSegmentation if task == "segmentation"
+                else transformers.AutoModelForObjectDetection), "image"
+    modality = _hf_modality(transformers.AutoConfig.from_pretrained(folder))
+    return (transformers.AutoModelForImageClassification if modality == "image"
+            else transformers.AutoModelForSequenceClassification), modality
 
 
 def restore_saved_weights(model: nn.Module, folder: Path) -> None:
     """Put the weights of a model folder written by save_model_folder back into the same `model`."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model as load_safetensors_into
 
     from tuneforge.adapters import ADAPTER_FILE
 
     if (folder / ADAPTER_FILE).is_file():  # the rest is the pretrained base, which training did not change
         model.load_state_dict(load_file(str(folder / ADAPTER_FILE)), strict=False)
+    elif isinstance(model, FactoryClassifier):  # the network's own weights, as save_model_folder wrote them
+        load_safetensors_into(model.net, str(folder / "model.safetensors"))
     else:
         model.load_state_dict(load_model_folder(folder)[0].model.state_dict())

@@ -10,7 +10,6 @@ Images: a PIL image, a path, or bytes of an image file, alone or in a list. Ques
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import torch
@@ -19,17 +18,17 @@ from PIL import Image
 from tuneforge.data.loaders import TextDataset
 from tuneforge.data.sources import Split
 from tuneforge.errors import DataError
-from tuneforge.inference import model_folder
-from tuneforge.models import load_model_folder
+from tuneforge.inference import model_folder, read_model_info
+from tuneforge.models import Factory, load_model_folder
 from tuneforge.recipe import DataSpec
 from tuneforge.tasks import task_from_info
 
 
 class Predictor:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, factory: str | Factory | None = None):
         self.folder = model_folder(path)
-        self.info = json.loads((self.folder / "tuneforge.json").read_text())
-        self.loaded, self.labels = load_model_folder(self.folder)
+        self.info = read_model_info(self.folder)
+        self.loaded, self.labels = load_model_folder(self.folder, factory)
         self.loaded.model.eval()
         self.task = task_from_info(self.info, self.loaded.preprocessor)
         self.modality = self.loaded.modality
@@ -111,6 +110,8 @@ def _image(item, index: int) -> Image.Image:
         raise DataError([f"input {index} is not a readable image ({type(error).__name__}: {error})"]) from None
 
 
-def load(path: str | Path) -> Predictor:
-    """A run directory (its best model) or a model folder, ready to predict."""
-    return Predictor(path)
+def load(path: str | Path, factory: str | Factory | None = None) -> Predictor:
+    """A run directory (its best model) or a model folder, ready to predict. A model built by a factory
+    needs `factory`: the function itself, or its name ('module:function', 'path/to/file.py:function'),
+    which must match the one the folder was built with; nothing named inside a folder is ever run."""
+    return Predictor(path, factory)

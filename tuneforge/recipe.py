@@ -7,11 +7,12 @@ path and what is allowed, before any data is read or any model is loaded.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +21,7 @@ from tuneforge.adapters import AdapterSpec
 from tuneforge.data.augment import AugmentSpec
 from tuneforge.errors import RecipeError
 from tuneforge.freeze import FreezeSpec
+from tuneforge.limits import MAX_BATCH, MAX_COUNT, MAX_IMAGE_SIDE, MAX_SEED, MAX_STEPS
 from tuneforge.schedules import ScheduleSpec
 
 
@@ -43,7 +45,7 @@ class ModelSpec(Section):
     new_head: bool = Field(True, description="replace the classifier with a fresh one sized to the label set")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     pretrained: bool = Field(True, description="false: same architecture, random initialisation (a baseline)")
-    max_length: int = Field(128, gt=0, description="token limit for text models")
+    max_length: int = Field(128, gt=0, le=MAX_COUNT, description="token limit for text models")
     trust_remote_code: bool = Field(False, description="run the model's own Python code from its folder (needs revision)")
     revision: str | None = None
     allow_unsafe_pickle: bool = Field(False, description="load a weights file that needs full pickle (can run code)")
@@ -66,7 +68,8 @@ class ModelSpec(Section):
 
 
 class ImageSpec(Section):
-    size: int | None = Field(None, gt=0, description="square side images are resized to (default: the model's processor)")
+    size: int | None = Field(None, gt=0, le=MAX_IMAGE_SIDE,
+                             description="square side images are resized to (default: the model's processor)")
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
@@ -89,7 +92,7 @@ class DataSpec(Section):
     validation_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="split validation off train when no file is given")
     test_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="split a test set off train when no file is "
                                                                           "given (qa: whole articles, never shared)")
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     max_train_examples: int | None = Field(None, gt=0, description="seeded sample of the training split")
     max_validation_examples: int | None = Field(None, gt=0, description="seeded sample of the validation split")
     text_column: str = "text"
@@ -107,16 +110,26 @@ class DataSpec(Section):
     image_column: str | None = Field(None, description="a table whose column holds image paths (relative to the "
                                                        "table's folder) instead of a class-per-folder tree")
     columns: list[str] | None = Field(None, description="column names for a CSV/TSV file without a header row")
+    encoding: str = Field("utf-8", description="text encoding of the data files (tables and line files), e.g. latin-1")
     image: ImageSpec = ImageSpec()
     skip_unreadable_images: bool = False
     drop_bad_annotations: bool = Field(False, description="segmentation and detection: leave out images whose mask "
                                                           "or boxes are bad (missing, of another size, outside the "
                                                           "image, of no area, of unknown classes), with a count")
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
         "auto", description="loader processes; auto: images are decoded in up to 4 workers, text (tokenised once) needs none")
     group_by_length: bool = Field(True, description="text: batch examples of similar length together (less padding)")
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="balanced: draw classes equally often (with replacement)")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="image augmentation of training batches")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}; e.g. utf-8, latin-1, cp1252, utf-16") from None
+        return value
 
     @model_validator(mode="after")
     def _sources(self) -> DataSpec:
@@ -141,7 +154,7 @@ class TaskSpec(Section):
                                       "a class per pixel, from image + mask pairs; detection: boxes with classes; "
                                       "seq2seq: text to text (translation, summarisation); qa: extractive question "
                                       "answering; captioning: image to text; causal_lm: language modelling")
-    ignore_index: int = Field(255, ge=0, description="segmentation: mask value of pixels that count nowhere")
+    ignore_index: int = Field(255, ge=0, le=2**31 - 1, description="segmentation: mask value of pixels that count nowhere")
     score_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="detection: boxes `predict` reports score above "
                                                                     "this (metrics use every box)")
     normalize_targets: bool = Field(True, description="regression: train on targets scaled to mean 0, std 1 (by the "
@@ -152,12 +165,12 @@ class TaskSpec(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     source_prefix: str = Field("", description="seq2seq: text put before every source, e.g. T5's "
                                                "'translate English to German: '")
-    max_target_length: int = Field(128, gt=0, description="seq2seq, captioning: token limit of target texts")
-    num_beams: int = Field(4, ge=1, description="seq2seq, captioning, causal_lm: beam search width when generating")
-    max_new_tokens: int = Field(64, ge=1, description="seq2seq, captioning, causal_lm: the most tokens one generation adds")
-    stride: int = Field(128, gt=0, description="qa: tokens shared by consecutive windows of a long context (default: a "
+    max_target_length: int = Field(128, gt=0, le=MAX_COUNT, description="seq2seq, captioning: token limit of target texts")
+    num_beams: int = Field(4, ge=1, le=1000, description="seq2seq, captioning, causal_lm: beam search width when generating")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_COUNT, description="seq2seq, captioning, causal_lm: the most tokens one generation adds")
+    stride: int = Field(128, gt=0, le=MAX_COUNT, description="qa: tokens shared by consecutive windows of a long context (default: a "
                                                "quarter of model.max_length)")
-    max_answer_length: int = Field(30, gt=0, description="qa: the longest answer span, in tokens")
+    max_answer_length: int = Field(30, gt=0, le=MAX_COUNT, description="qa: the longest answer span, in tokens")
     packing: bool = Field(True, description="causal_lm: concatenate texts into blocks of model.max_length tokens "
                                             "(false: one text an example, padded)")
     class_weights: Literal["balanced"] | list[float] | None = Field(
@@ -207,21 +220,21 @@ class TrainSpec(Section):
     @field_validator("batch_size")
     @classmethod
     def _positive(cls, value):
-        if value != "auto" and value <= 0:
-            raise ValueError("batch_size must be a positive whole number or 'auto'")
+        if value != "auto" and not 0 < value <= MAX_BATCH:
+            raise ValueError(f"batch_size must be a positive whole number or 'auto' (at most {MAX_BATCH:,})")
         return value
 
-    epochs: int = Field(3, ge=0, description="0 evaluates the pretrained model without training")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    epochs: int = Field(3, ge=0, le=MAX_COUNT, description="0 evaluates the pretrained model without training")
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="stop after this many optimizer steps")
     batch_size: int | Literal["auto"] = Field(
         32, description="global batch per loaded batch; auto: the largest that fits in memory (probed before training)")
-    grad_accum_steps: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(1, gt=0, le=MAX_COUNT)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="seeds every random number generator (0 to 2**32 - 1)")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every_steps: int = Field(10, gt=0)
-    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint at every epoch end")
-    keep_checkpoints: int = Field(2, gt=0)
+    log_every_steps: int = Field(10, gt=0, le=MAX_STEPS)
+    checkpoint_every_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="also checkpoint at every epoch end")
+    keep_checkpoints: int = Field(2, gt=0, le=10_000)
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, more time")
     compile: bool = Field(False, description="torch.compile the model (measure first: on some CPUs it is slower; "
@@ -231,7 +244,7 @@ class TrainSpec(Section):
                             "its stored outputs; auto: whenever the plan and data allow it, true: require it")
     strict_resume: bool = Field(False, description="refuse to resume when the newest checkpoint is damaged (default: fall back)")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss or gradient: stop, or skip the step")
-    max_nonfinite_in_row: int = Field(5, gt=0, description="skip mode: stop after this many non-finite steps in a row")
+    max_nonfinite_in_row: int = Field(5, gt=0, le=MAX_STEPS, description="skip mode: stop after this many non-finite steps in a row")
 
 
 class OptimSpec(Section):
@@ -260,12 +273,12 @@ class OptimSpec(Section):
 
 
 class EarlyStoppingSpec(Section):
-    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    patience: int = Field(3, ge=1, le=MAX_STEPS, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change of eval.metric that counts as improvement")
 
 
 class EvalSpec(Section):
-    every_steps: int | None = Field(None, gt=0, description="default: evaluate at every epoch end")
+    every_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="default: evaluate at every epoch end")
     early_stopping: EarlyStoppingSpec | None = None
     metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
                     "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
@@ -279,7 +292,7 @@ class EvalSpec(Section):
     mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse, mae and perplexity, "
                                                                  "else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
-    batch_size: int | None = Field(None, gt=0, description="default: 2x train.batch_size")
+    batch_size: int | None = Field(None, gt=0, le=MAX_BATCH, description="default: 2x train.batch_size")
 
 
 TASK_METRICS = {
@@ -319,7 +332,7 @@ class OutputSpec(Section):
 
 
 class Recipe(Section):
-    name: str = "run"
+    name: str = Field("run", description="the run's name, part of its folder's name (no '/', not starting with '.')")
     model: ModelSpec
     data: DataSpec
     task: TaskSpec = TaskSpec()
@@ -328,6 +341,16 @@ class Recipe(Section):
     eval: EvalSpec = EvalSpec()
     adapter: AdapterSpec = AdapterSpec()
     output: OutputSpec = OutputSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # It becomes part of a path (output.dir runs/{name}): a separator or a leading '.' could leave that folder.
+        if not value or len(value) > 128 or value.startswith(".") or any(c in value for c in "/\\") or \
+                not value.isprintable():
+            raise ValueError("a name is 1 to 128 printable characters, without '/' or '\\' and not starting with "
+                             "'.' (it is part of the run's folder name)")
+        return value
 
     @model_validator(mode="after")
     def _task_settings(self) -> Recipe:
@@ -472,6 +495,66 @@ def _expand(value: Any, missing: list[str]) -> Any:
     return _ENV_PATTERN.sub(substitute, value)
 
 
+MAX_RECIPE_SIZE = 2**20  # characters a recipe may hold once YAML's aliases are expanded
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one section (lines {seen[key]} and {line}); "
+                                    "keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(value, limit: int) -> int:
+    """How many characters `value` holds with every shared (aliased) part counted each time it is used, as
+    expanding and validating it would copy it; stops counting past `limit`. Shared parts are sized once."""
+    sizes: dict[int, int] = {}
+
+    def size(item, depth: int) -> int:
+        if isinstance(item, (dict, list)):
+            if id(item) not in sizes:
+                if depth > 100:
+                    raise RecipeError(["the recipe nests sections more than 100 deep"])
+                sizes[id(item)] = limit + 1  # a section that contains itself counts as too large
+                children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+                total = 1
+                for child in children:
+                    total += size(child, depth + 1)
+                    if total > limit:
+                        break
+                sizes[id(item)] = total
+            return sizes[id(item)]
+        return len(item) if isinstance(item, str) else 1
+
+    return size(value, 0)
+
+
+def read_yaml(path: Path, what: str = "recipe"):
+    """A YAML file as plain data: safe types only, no duplicate keys, aliases expanding to a bounded size."""
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{path}: the {what} is nested too deeply to read"]) from None
+    if _expanded_size(data, MAX_RECIPE_SIZE) > MAX_RECIPE_SIZE:
+        raise RecipeError([f"{path}: the {what} grows past {MAX_RECIPE_SIZE:,} characters once its YAML aliases "
+                           "(*name) are expanded; write it out without repeated aliases"])
+    return data
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply command-line overrides 'key.path=value'; values are parsed as YAML scalars."""
     problems = []
@@ -578,12 +661,13 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
         raw, name = copy.deepcopy(source), "recipe"  # overrides must not change the caller's dict
     else:
         path = Path(source)
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("*.yaml"))[:3]
+            raise RecipeError([f"recipe {path} is a folder; give the recipe's YAML file"
+                               + (f", e.g. {path / found[0]}" if found else "")])
         if not path.is_file():
             raise RecipeError([f"recipe file {path} does not exist"])
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+        raw = read_yaml(path) or {}
         name = str(path)
     if overrides and isinstance(raw, dict):  # a non-mapping is reported as such by parse_recipe
         raw = apply_overrides(raw, overrides)

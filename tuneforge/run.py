@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
 from tuneforge.adapters import adapter_scope, apply_adapter, merged_copy
-from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, Run, RunHooks,
-                                 repair_run_dir, save_run_model, storage_errors, update_model_info, write_json_atomic)
+from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, Run, RunHooks, clear_run_dir,
+                                 drop_redone_records, is_run_dir, repair_run_dir, save_run_model, storage_errors,
+                                 update_model_info, write_json_atomic)
 from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
@@ -44,7 +44,7 @@ from tuneforge.loop import StepTools, fit, predict_logits
 from tuneforge.memory import find_batch_size
 from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, restore_saved_weights
 from tuneforge.optim import L2SP, build_optimizer
-from tuneforge.recipe import TEXT_TASKS, Recipe, load_recipe
+from tuneforge.recipe import TEXT_TASKS, Recipe, load_recipe, read_yaml
 from tuneforge.schedules import PlateauState
 from tuneforge.tasks import Task, make_task
 
@@ -77,22 +77,31 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 
 def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Before anything is loaded: never clobber a run by accident, never resume an incompatible one."""
-    saved = run_dir / "recipe.yaml"
+    """Before anything is loaded: never clobber a run by accident, never write into (or delete from) a folder
+    that is not a run directory, never resume an incompatible run."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError([f"output directory {run_dir} is a file; choose a folder with --output-dir or output.dir"])
-    if saved.exists() and not resume and not overwrite:
+    has_run = run_dir.is_dir() and is_run_dir(run_dir)
+    foreign = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() and not has_run else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RecipeError([f"output directory {run_dir} is not a tuneforge run directory (it holds {shown}); a run goes "
+                           "into a new or empty folder, or replaces an earlier run (--overwrite): choose another "
+                           "--output-dir"])
+    if has_run and not resume and not overwrite:
         raise RecipeError([f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                            "or choose another --output-dir"])
-    if resume and saved.exists():
-        _check_resumable(yaml.safe_load(saved.read_text()), recipe)
+    if resume and has_run:
+        _check_resumable(read_yaml(run_dir / "recipe.yaml"), recipe)
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Create the run directory (main process only), once data and model are known to be good."""
-    has_run = (run_dir / "recipe.yaml").exists()
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    has_run = run_dir.is_dir() and is_run_dir(run_dir)
+    if overwrite and has_run:
+        kept = clear_run_dir(run_dir)  # what the earlier run wrote, and nothing else
+        if kept:
+            print(f"overwrite: kept what the earlier run did not write: {', '.join(kept)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and has_run:
         for repair in repair_run_dir(run_dir):
@@ -143,10 +152,14 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool):
         for note in data.notes:
             console.print(f"[yellow]data:[/] {note}")
         sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
-        labels = f"{len(data.labels)} labels {data.label_names}" if data.labels else data.kind
+        labels = f"{len(data.labels)} labels ({_first_few(data.label_names)})" if data.labels else data.kind
         console.print(f"data: {data.modality}, {labels}; {sizes}")
         console.print(f"model: {loaded.report.summary()}")
     return data, loaded
+
+
+def _first_few(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f", … (+{len(names) - shown})" if len(names) > shown else "")
 
 
 def training_length(batches_per_epoch: int, spec) -> tuple[int, int]:
@@ -421,7 +434,7 @@ def auto_batch_size(recipe: Recipe, run_dir: Path, resume: bool, loaded: LoadedM
     """Probe the largest batch that fits; a resumed run keeps the size it started with."""
     saved = run_dir / "recipe.yaml"
     if resume and saved.exists():
-        return int(yaml.safe_load(saved.read_text())["train"]["batch_size"])
+        return int(read_yaml(saved)["train"]["batch_size"])
     plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, updates_per_epoch=1, total_steps=10**9,
                       adapter_params=adapter_scope(loaded))
     plan.apply(loaded.model, 0)
@@ -455,7 +468,7 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
             run.console.print(message)
 
     for folder in reversed(complete_checkpoints(run.run_dir / CHECKPOINT_DIR)):
-        problem = verify_checkpoint(folder)
+        problem = verify_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer)
         if problem is not None:
             if run.recipe.train.strict_resume:
                 raise ResumeError([f"checkpoint {folder} is damaged ({problem}); train.strict_resume forbids "
@@ -468,8 +481,12 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
         for warning in warnings:
             say(f"[yellow]resume: {warning}[/]")
         say(f"resume: continuing from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+        dropped = 0
+        if run.main:
+            with storage_errors(run.metrics_file):
+                dropped = drop_redone_records(run.metrics_file, state.step)
         run.record({"type": "resume", "step": state.step, "path": str(folder.relative_to(run.run_dir)),
-                    "warnings": warnings})
+                    "warnings": warnings, "dropped_records": dropped})
         return state
     say(f"[yellow]resume:[/] no usable checkpoint in {run.run_dir / CHECKPOINT_DIR}; starting from step 0")
     return TrainState()

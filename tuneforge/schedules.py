@@ -24,6 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuneforge.limits import MAX_STEPS
+
 ScheduleName = Literal["constant", "linear", "cosine", "exponential", "step", "multistep",
                        "one_cycle", "cyclic", "plateau"]
 
@@ -38,16 +40,16 @@ class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: ScheduleName = Field("linear", description="schedule applied after warmup")
-    warmup_steps: int | None = Field(None, ge=0, description="linear warmup in optimizer steps; overrides warmup_ratio")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="linear warmup in optimizer steps; overrides warmup_ratio")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="linear warmup as a fraction of total steps")
     # linear, cosine
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine: final LR as a fraction of the base LR")
     # exponential
-    decay_steps: int | None = Field(None, gt=0, description="exponential: steps over which LR is multiplied by decay_rate")
+    decay_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="exponential: steps over which LR is multiplied by decay_rate")
     decay_rate: float = Field(0.96, gt=0.0, le=1.0, description="exponential: multiplier per decay_steps")
     staircase: bool = Field(False, description="exponential: decay in whole steps of decay_steps")
     # step, multistep
-    step_size: int | None = Field(None, gt=0, description="step: multiply LR by gamma every step_size steps")
+    step_size: int | None = Field(None, gt=0, le=MAX_STEPS, description="step: multiply LR by gamma every step_size steps")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: multiplier per decay")
     milestones: list[int] | None = Field(None, description="multistep: steps after warmup at which LR is multiplied by gamma")
     # one_cycle
@@ -55,11 +57,11 @@ class ScheduleSpec(BaseModel):
     div_factor: float = Field(25.0, gt=0.0, description="one_cycle: starting multiplier is 1/div_factor")
     final_div_factor: float = Field(1e4, gt=0.0, description="one_cycle: final multiplier is 1/(div_factor*final_div_factor)")
     # cyclic
-    cycle_steps: int | None = Field(None, gt=0, description="cyclic: length of a full up-and-down cycle in steps")
+    cycle_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="cyclic: length of a full up-and-down cycle in steps")
     base_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cyclic: lowest multiplier of the cycle")
     # plateau
     factor: float = Field(0.1, gt=0.0, lt=1.0, description="plateau: multiplier applied at each reduction")
-    patience: int = Field(2, ge=0, description="plateau: evaluations without improvement tolerated")
+    patience: int = Field(2, ge=0, le=MAX_STEPS, description="plateau: evaluations without improvement tolerated")
     threshold: float = Field(1e-4, ge=0.0, description="plateau: relative improvement that counts as better")
     min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="plateau: lowest multiplier reductions reach")
 

@@ -118,9 +118,9 @@ def _run_summary(predictor: "Predictor") -> dict:
         summary["evaluation"] = {"split": split, **{k: result["splits"][split].get(k) for k in keys}} if split else None
         summary["train_seconds"] = result.get("train_seconds")
     if (run_dir / "recipe.yaml").is_file():
-        import yaml
+        from tuneforge.recipe import read_yaml
 
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        recipe = read_yaml(run_dir / "recipe.yaml")
         summary["base_model"] = recipe["model"].get("name") or recipe["model"].get("factory")
         summary["strategy"] = recipe["model"]["freeze"]["strategy"]
         summary["adapter"] = (recipe.get("adapter") or {}).get("method", "none")
@@ -288,12 +288,13 @@ def _warm_up_input(predictor: "Predictor"):
     return Image.new("RGB", (32, 32))
 
 
-def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None) -> None:
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+          factory=None) -> None:
     import uvicorn
 
     from tuneforge.predictor import Predictor
 
-    predictor = Predictor(path)
+    predictor = Predictor(path, factory)
     app = create_app(predictor, settings or ServeSettings())
     print(f"serving {predictor.folder} on http://{host}:{port} (docs: /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -108,3 +108,30 @@ def _pickle_calls_code(path: Path) -> bool:
         return any(op.name in CODE_OPCODES for data in streams() for op, _, _ in pickletools.genops(data))
     except Exception:  # not even a readable pickle
         return False
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from a safetensors file's header (the data is not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+
+
+def weights_fit(required: dict, found: dict, allowed: dict | None = None) -> str | None:
+    """Why tensors `found` (name -> shape) do not fit a model, or None: a `required` weight absent, a weight of
+    another shape, or a name outside `allowed` (name -> shape; default: the required ones)."""
+    allowed = required if allowed is None else allowed
+    wrong = [f"{key} {tuple(found[key])} instead of {tuple(allowed[key])}" for key in sorted(set(found) & set(allowed))
+             if tuple(found[key]) != tuple(allowed[key])]
+    return misfit(missing=sorted(set(required) - set(found)), wrong=wrong, unexpected=sorted(set(found) - set(allowed)))
+
+
+def misfit(missing: list[str], wrong: list[str], unexpected: list[str]) -> str | None:
+    """One line naming what does not fit (a few names of each kind), or None when nothing is wrong."""
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" … (+{len(keys) - 5})" if len(keys) > 5 else "")
+
+    parts = [f"{what} {len(keys)}: {show(keys)}" for what, keys in
+             (("missing", missing), ("wrong shape", wrong), ("unexpected", unexpected)) if keys]
+    return "; ".join(parts) or None

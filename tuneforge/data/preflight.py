@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tuneforge.data.sources import Split, read_split
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, listing
 
 SHOWN = 5  # how many offending rows a message lists before summarising
 
@@ -76,8 +76,7 @@ def _missing(value) -> bool:
 
 
 def _listing(rows: list[str]) -> str:
-    shown = ", ".join(rows[:SHOWN])
-    return shown + (f" and {len(rows) - SHOWN} more" if len(rows) > SHOWN else "")
+    return listing(rows, limit=200, count=SHOWN)
 
 
 def _check_texts(split: Split, column: str, values: list) -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tuneforge.errors import listing
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -54,28 +56,41 @@ def infer_format(path: Path, declared: str) -> str:
     return TABLE_FORMATS.get(path.suffix.lower(), "csv")
 
 
-def read_table(path: Path, fmt: str, columns: list[str] | None) -> pd.DataFrame:
+def read_table(path: Path, fmt: str, columns: list[str] | None, encoding: str = "utf-8") -> pd.DataFrame:
     """Read a table as strings-or-numbers without guessing quotes in TSV (sentences contain '"')."""
     header = None if columns else "infer"
     if fmt == "tsv":
         # Blank lines are kept as (empty) rows so reported line numbers stay the file's own.
         return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, header=header, names=columns,
-                           keep_default_na=False, na_values=[""], encoding="utf-8", skip_blank_lines=False)
+                           keep_default_na=False, na_values=[""], encoding=encoding, skip_blank_lines=False)
     if fmt == "csv":
         return pd.read_csv(path, header=header, names=columns, keep_default_na=False, na_values=[""],
-                           encoding="utf-8", skip_blank_lines=False)
+                           encoding=encoding, skip_blank_lines=False)
     if fmt == "jsonl":
-        if path.suffix.lower() == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-            return pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
-        return pd.read_json(path, lines=True, dtype=False)
+        if path.suffix.lower() == ".json" and path.read_text(encoding=encoding).lstrip().startswith("["):
+            return pd.DataFrame(json.loads(path.read_text(encoding=encoding)))
+        return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
     if fmt == "parquet":
         return pd.read_parquet(path)
     if fmt == "label-text":  # "LABEL TEXT" per line; names from `columns` ([label, text] by default)
         label, text = columns or ["label", "text"]
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding=encoding).splitlines()
         parts = [line.split(maxsplit=1) if line.strip() else [None, None] for line in lines]
         return pd.DataFrame({label: [p[0] for p in parts], text: [p[1] if len(p) > 1 else None for p in parts]})
     raise ValueError(f"not a table format: {fmt}")
+
+
+def not_text(name: str, path: Path, encoding: str) -> str:
+    """The problem of a file that does not decode as `encoding`, with the byte and line where it breaks."""
+    raw = path.read_bytes()  # pandas reports offsets within its own chunk; find the real place
+    try:
+        raw.decode(encoding)
+        where = ""
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        where = f" (byte {error.start}, line {line})"
+    return (f"{name}: {path} is not {encoding.upper()} text{where}; re-save it as UTF-8, or name its encoding with "
+            "data.encoding (e.g. latin-1, cp1252)")
 
 
 def _first_line_number(fmt: str, has_header: bool) -> int:
@@ -97,16 +112,9 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
         empty.problems.append(f"{name}: file {path} is empty")
         return empty
     try:
-        frame = read_table(path, fmt, spec.columns)
+        frame = read_table(path, fmt, spec.columns, spec.encoding)
     except UnicodeDecodeError:
-        raw = path.read_bytes()  # pandas reports offsets within its own chunk; find the real place
-        try:
-            raw.decode("utf-8")
-            where = ""
-        except UnicodeDecodeError as error:
-            line = raw.count(b"\n", 0, error.start) + 1
-            where = f" (byte {error.start}, line {line})"
-        empty.problems.append(f"{name}: {path} is not UTF-8 text{where}; re-save it as UTF-8")
+        empty.problems.append(not_text(name, path, spec.encoding))
         return empty
     except Exception as error:  # pandas/pyarrow raise many types for malformed files
         where = _bad_json_line(path) if fmt == "jsonl" else None
@@ -119,7 +127,7 @@ def read_text_split(name: str, path: Path, spec, require_labels: bool = True) ->
         ([spec.text_pair_column] if spec.text_pair_column else [])
     missing = [column for column in wanted if column not in frame.columns]
     if missing:
-        found = ", ".join(map(str, frame.columns))
+        found = listing(map(str, frame.columns))
         hint = " (is the delimiter right? for TSV use a .tsv name or data.format: tsv)" if len(frame.columns) == 1 else ""
         empty.problems.append(f"{name}: {path} has no column {', '.join(map(repr, missing))}; columns are: {found}{hint}")
         return empty
@@ -146,7 +154,7 @@ def _absent(value) -> bool:
 
 def _bad_json_line(path: Path) -> str | None:
     """Where a JSON-lines file first breaks, as 'line N: what', or None if every line parses."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if line.strip():
             try:
                 json.loads(line)

@@ -18,18 +18,26 @@ from torch.utils.data import Dataset
 
 from tuneforge.data.loaders import load_rgb
 from tuneforge.data.preflight import TaskData, _check_images, _check_texts, _listing, _missing, _sample
-from tuneforge.data.sources import Split, read_table
-from tuneforge.errors import DataError, RecipeError
+from tuneforge.data.sources import Split, not_text, read_table
+from tuneforge.errors import DataError, RecipeError, listing
 
 IGNORE = -100  # label positions the loss skips (padding, prompts): transformers' convention
 
 
 # ---------------------------------------------------------------- reading
 
-def _open_lines(path: Path) -> list[str]:
+def _open_lines(path: Path, encoding: str) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as file:
+    with opener(path, "rt", encoding=encoding) as file:
         return file.read().splitlines()
+
+
+def _decodes(path: Path, encoding: str) -> bool:
+    try:
+        _open_lines(path, encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _language_file(stem: str, language: str) -> Path:
@@ -46,7 +54,11 @@ def read_parallel(name: str, stem: str, spec) -> Split:
     if missing:
         return Split(name, stem, [], [], texts=[], problems=[f"{name}: {', '.join(missing)} not found (data.{name} is the "
                                                              "stem; files <stem>.<language> or <stem>.<language>.gz)"])
-    sources, targets = _open_lines(source), _open_lines(target)
+    try:
+        sources, targets = _open_lines(source, spec.encoding), _open_lines(target, spec.encoding)
+    except UnicodeDecodeError:
+        bad = next(p for p in (source, target) if not _decodes(p, spec.encoding))
+        return Split(name, stem, [], [], texts=[], problems=[not_text(name, bad, spec.encoding)])
     problems = []
     if len(sources) != len(targets):
         problems.append(f"{name}: {source} has {len(sources)} lines but {target} has {len(targets)}; aligned files "
@@ -57,7 +69,7 @@ def read_parallel(name: str, stem: str, spec) -> Split:
 
 def _column(frame, column: str, name: str, path: Path, what: str) -> tuple[list, list[str]]:
     if column not in frame.columns:
-        return [], [f"{name}: {path} has no column '{column}' ({what}); its columns are {list(frame.columns)}"]
+        return [], [f"{name}: {path} has no column '{column}' ({what}); its columns are {listing(map(str, frame.columns))}"]
     return [None if _missing(v) else v for v in frame[column].tolist()], []
 
 
@@ -69,14 +81,19 @@ def read_text_task_split(name: str, where: str, spec, kind: str) -> Split:
     if not path.is_file():
         return Split(name, where, [], [], texts=[], problems=[f"{name}: file {where} not found"])
     if spec.format == "text" or (spec.format == "auto" and path.suffix == ".txt" and kind == "causal_lm"):
-        lines = _open_lines(path)
+        try:
+            lines = _open_lines(path, spec.encoding)
+        except UnicodeDecodeError:
+            return Split(name, where, [], [], texts=[], problems=[not_text(name, path, spec.encoding)])
         kept = [(i, line) for i, line in enumerate(lines) if line.strip()]  # blank lines separate, they are not texts
         return Split(name, where, [None] * len(kept), [f"{path.name}:{i + 1}" for i, _ in kept],
                      texts=[line for _, line in kept])
     fmt = spec.format if spec.format != "auto" else {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(
         path.suffix.lower(), "jsonl")
     try:
-        frame = read_table(path, fmt, spec.columns)
+        frame = read_table(path, fmt, spec.columns, spec.encoding)
+    except UnicodeDecodeError:
+        return Split(name, where, [], [], texts=[], problems=[not_text(name, path, spec.encoding)])
     except Exception as error:  # pandas raises many kinds for a malformed file
         return Split(name, where, [], [], texts=[], problems=[f"{name}: cannot read {where} as {fmt} ({error})"])
     first_row = 2 if fmt in ("csv", "tsv") and not spec.columns else 1  # the file's own line numbers
