@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import pickle
 
 import pytest
@@ -118,6 +120,45 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(ModelError, match="refused"):
         read_state_dict(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+class _RunsShell:
+    """Unpickling this would run a shell command; pickling it (torch.save) runs nothing."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _save_legacy(obj, path) -> None:
+    """torch.save's pre-zip format: five pickles in a row (magic number, version, system info, the object,
+    storage keys), then the tensors' raw bytes."""
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+
+
+def test_hostile_legacy_torch_file_is_refused_for_needing_code(tmp_path):
+    marker = tmp_path / "pwned"
+    _save_legacy({"state_dict": {"weight": torch.ones(2, 2)}, "hook": _RunsShell(f"touch {marker}")}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError) as refused:
+        read_state_dict(tmp_path / "evil.pt", key="state_dict")
+    message = str(refused.value)
+    assert "needs arbitrary code" in message and "allow_unsafe_pickle" in message and "damaged" not in message
+    assert not marker.exists()
+
+
+def test_legacy_torch_file_with_a_namespace_loads_only_when_allowed(tmp_path):
+    # A common training checkpoint: the weights-only loader refuses the argparse.Namespace beside the state dict.
+    state = {"linear.weight": torch.randn(3, 2), "linear.bias": torch.randn(3)}
+    _save_legacy({"state_dict": state, "args": argparse.Namespace(lr=0.1, epochs=3)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ModelError) as refused:
+        read_state_dict(tmp_path / "checkpoint.pt", key="state_dict")
+    message = str(refused.value)
+    assert "needs arbitrary code" in message and "allow_unsafe_pickle" in message and "damaged" not in message
+    with pytest.warns(UserWarning, match="allow_unsafe_pickle"):
+        loaded = read_state_dict(tmp_path / "checkpoint.pt", key="state_dict", allow_unsafe_pickle=True)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[name], state[name]) for name in state)
 
 
 def test_corrupt_safetensors_is_a_clean_error(tmp_path):

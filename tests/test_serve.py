@@ -16,8 +16,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder
 
 from tuneforge import finetune, load
+from tuneforge.errors import DataError
 from tuneforge.inference import predict_run
 
 
@@ -141,21 +143,103 @@ def test_concurrent_requests_are_micro_batched(text_run):
         assert served["inputs"] == 16 + 0 and served["batches"] < 16  # several requests shared a forward pass
 
 
-def test_images_as_base64_and_multipart(tiny_vit_dir, image_data, tmp_path):
+@pytest.fixture(scope="module")
+def image_run(tiny_vit_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-run")
+    data = {"train": write_image_folder(root / "train", 12, seed=1),
+            "validation": write_image_folder(root / "val", 6, seed=2)}
     run = finetune({"model": {"name": str(tiny_vit_dir)},
-                    "data": {"train": str(image_data["train"]), "validation": str(image_data["validation"])},
-                    "train": {"epochs": 1, "batch_size": 4}, "output": {"dir": str(tmp_path / "run")}})
-    images = sorted(Path(image_data["validation"]).rglob("*.png"))[:3]
-    expected = load(run.run_dir).predict([str(path) for path in images])
-    with server(run.run_dir) as port:
-        encoded = [base64.b64encode(path.read_bytes()).decode() for path in images]
-        status, body = call(port, "POST", "/predict", {"inputs": encoded})
-        assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
-        boundary = "tuneforge-test-boundary"
-        parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{p.name}\"\r\n"
-                         f"Content-Type: image/png\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in images)
-        status, body = call(port, "POST", "/predict", parts + f"--{boundary}--\r\n".encode(),
-                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
-        status, body = call(port, "POST", "/predict", {"inputs": ["bm90IGFuIGltYWdl"]})  # base64 of "not an image"
-        assert status == 422 and "not a readable image" in body["error"]
+                    "data": {"train": str(data["train"]), "validation": str(data["validation"])},
+                    "train": {"epochs": 1, "batch_size": 4}, "output": {"dir": str(root / "run")}})
+    return run.run_dir, sorted(Path(data["validation"]).rglob("*.png"))[:3]
+
+
+@pytest.fixture(scope="module")
+def image_server(image_run):
+    with server(image_run[0]) as port:
+        yield port
+
+
+def test_images_as_base64_and_multipart(image_run, image_server):
+    run_dir, images = image_run
+    port = image_server
+    expected = load(run_dir).predict([str(path) for path in images])
+    encoded = [base64.b64encode(path.read_bytes()).decode() for path in images]
+    status, body = call(port, "POST", "/predict", {"inputs": encoded})
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
+    status, body = post_form(port, [("files", path.name, path.read_bytes()) for path in images])
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
+    status, body = call(port, "POST", "/predict", {"inputs": ["bm90IGFuIGltYWdl"]})  # base64 of "not an image"
+    assert status == 422 and "not a readable image" in body["error"]
+
+
+# Requests that once crashed the handler (HTTP 500) or were misread; each must be a 4xx with a one-line reason,
+# and the server must stay well afterwards.
+
+@pytest.fixture(scope="module")
+def text_server(small_text_run):
+    with server(small_text_run[0].run_dir) as port:  # default limits: 64 inputs per request
+        yield port
+
+
+def one_line_error(response: tuple[int, dict], status: int) -> str:
+    got, body = response
+    assert got == status, body
+    assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"]
+    assert "\n" not in body["error"]
+    return body["error"]
+
+
+def post_form(port: int, parts: list[tuple[str, str | None, bytes]]) -> tuple[int, dict]:
+    """multipart/form-data with (field name, file name or None for a plain field, content) parts."""
+    boundary = "tuneforge-test-boundary"
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        kind = "Content-Type: application/octet-stream\r\n" if filename else ""
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n{kind}\r\n".encode() + content + b"\r\n"
+    return call(port, "POST", "/predict", body + f"--{boundary}--\r\n".encode(),
+                {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def test_an_integer_past_pythons_digit_limit_is_422(text_server):
+    # json.loads raises ValueError, not JSONDecodeError, for an int literal past Python's 4,300-digit conversion limit.
+    body = b'{"inputs": [' + b"7" * 4301 + b"]}"
+    assert "has more than 4300 digits" in one_line_error(call(text_server, "POST", "/predict", body), 422)
+    assert call(text_server, "POST", "/predict", {"inputs": ["fine"]})[0] == 200
+
+
+def test_json_nested_100k_deep_is_422(text_server):
+    # json.loads raises RecursionError long before 100,000 levels.
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert "nested too deeply" in one_line_error(call(text_server, "POST", "/predict", body), 422)
+    assert call(text_server, "POST", "/predict", {"inputs": ["fine"]})[0] == 200
+
+
+def test_a_lone_surrogate_is_422(text_server, small_text_run):
+    # "\ud800" is valid JSON and becomes a Python str that no tokenizer or UTF-8 encoder takes.
+    body = b'{"inputs": ["fine", "bad \\ud800 text"]}'
+    assert "input 1" in one_line_error(call(text_server, "POST", "/predict", body), 422)
+    assert "input 0" in one_line_error(call(text_server, "POST", "/predict", b'{"input": "\\ud800"}'), 422)
+    with pytest.raises(DataError, match="input 0 is not valid Unicode"):  # the Python API checks it the same way
+        load(small_text_run[0].run_dir).predict("\ud800")
+    assert call(text_server, "POST", "/predict", {"inputs": ["fine"]})[0] == 200
+
+
+def test_too_many_multipart_inputs_is_422_like_json(text_server, image_server, image_run):
+    parts = [("texts", None, b"good movie")] * 70
+    message = one_line_error(post_form(text_server, parts), 422)
+    assert message == "more than 64 inputs in one request; the limit is 64"
+    image = image_run[1][0].read_bytes()
+    message = one_line_error(post_form(image_server, [("files", "x.png", image)] * 70), 422)
+    assert message == "more than 64 inputs in one request; the limit is 64"
+    assert post_form(text_server, [("texts", None, b"good movie")] * 64)[0] == 200  # the limit itself is fine
+
+
+def test_a_file_under_texts_or_a_text_under_files_is_422(text_server, image_server, image_run):
+    message = one_line_error(post_form(text_server, [("texts", None, b"good"), ("texts", "a.txt", b"good")]), 422)
+    assert "input 1" in message and "file" in message
+    image = image_run[1][0].read_bytes()
+    message = one_line_error(post_form(image_server, [("files", "a.png", image), ("files", None, b"good")]), 422)
+    assert "input 1" in message and "file" in message
+    assert post_form(text_server, [("texts", None, b"good")])[0] == 200

@@ -69,6 +69,7 @@ class Predictor:
             if not (_is_pair(item) if self.pairs else isinstance(item, str)):
                 raise DataError([f"input {index} must be a [text, pair] list of two strings" if self.pairs
                                  else f"input {index} is not text"])
+            _check_unicode(item if self.pairs else [item], index)
         return items
 
     def _batch(self, items: list) -> dict[str, torch.Tensor]:
@@ -96,7 +97,20 @@ def _question(item, index: int) -> dict:
     if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in ("question", "context"))):
         raise DataError([f"input {index} must be {{\"question\": text, \"context\": text}} or a [question, context] pair, "
                          "both non-empty"])
+    _check_unicode([item["question"], item["context"]], index)
     return item
+
+
+def _check_unicode(texts, index: int) -> None:
+    """A Python str may hold a lone surrogate (JSON's "\\ud800" decodes to one) that no UTF-8 encoder or tokenizer
+    takes. Found here it is this input's error; found in the tokenizer it would fail every input batched with it."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # repr, so that the message itself stays encodable
+            raise DataError([f"input {index} is not valid Unicode: it holds the lone surrogate "
+                             f"{text[error.start]!r}"]) from None
 
 
 def _image(item, index: int) -> Image.Image:

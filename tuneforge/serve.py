@@ -22,12 +22,14 @@ import binascii
 import contextlib
 import hmac
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.recipe import read_yaml
 
 if TYPE_CHECKING:
     from tuneforge.predictor import Predictor
@@ -108,22 +110,24 @@ class MicroBatcher:
 
 
 def _run_summary(predictor: "Predictor") -> dict:
-    """What /metadata says about the model's training, from the run's records when they are there."""
+    """What /metadata says about the model's training, from the run's records when they are there and
+    readable (a damaged record leaves its part out; it never stops the server)."""
     run_dir = predictor.folder.parent
     summary: dict = {"model_folder": str(predictor.folder)}
-    if (run_dir / "eval.json").is_file():
-        result = json.loads((run_dir / "eval.json").read_text())
-        split = result.get("report_split")
-        keys = ("num_examples", *predictor.task.summary_keys)  # the task's own headline metrics
-        summary["evaluation"] = {"split": split, **{k: result["splits"][split].get(k) for k in keys}} if split else None
-        summary["train_seconds"] = result.get("train_seconds")
-    if (run_dir / "recipe.yaml").is_file():
-        from tuneforge.recipe import read_yaml
-
-        recipe = read_yaml(run_dir / "recipe.yaml")
-        summary["base_model"] = recipe["model"].get("name") or recipe["model"].get("factory")
-        summary["strategy"] = recipe["model"]["freeze"]["strategy"]
-        summary["adapter"] = (recipe.get("adapter") or {}).get("method", "none")
+    try:
+        if (run_dir / "eval.json").is_file():
+            result = json.loads((run_dir / "eval.json").read_text())
+            split = result.get("report_split")
+            keys = ("num_examples", *predictor.task.summary_keys)  # the task's own headline metrics
+            summary["evaluation"] = {"split": split, **{k: result["splits"][split].get(k) for k in keys}} if split else None
+            summary["train_seconds"] = result.get("train_seconds")
+        if (run_dir / "recipe.yaml").is_file():
+            recipe = read_yaml(run_dir / "recipe.yaml")
+            summary["base_model"] = recipe["model"].get("name") or recipe["model"].get("factory")
+            summary["strategy"] = recipe["model"]["freeze"]["strategy"]
+            summary["adapter"] = (recipe.get("adapter") or {}).get("method", "none")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TuneforgeError) as error:
+        summary["records"] = f"unreadable ({type(error).__name__})"
     return summary
 
 
@@ -206,7 +210,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
         except asyncio.TimeoutError:
             return error(504, f"no prediction within {settings.timeout_s:g} s")
         except TuneforgeError as problem:  # a problem only the prediction itself found
-            return error(422, problem.render())
+            return error(422, problem.problems[0])
         return {"prediction": results[0]} if single else {"predictions": results}
 
     return app
@@ -232,19 +236,9 @@ async def _body(request, limit: int) -> bytes:
 async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings) -> tuple[bool, list]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        if request.headers.get("content-length") is None:
-            raise _BadRequest(411, "multipart requests need a Content-Length header")
-        form = await request.form(max_files=settings.max_inputs + 1, max_fields=settings.max_inputs + 1)
-        if predictor.modality == "image":
-            items = [await upload.read() for upload in form.getlist("files")]
-        else:
-            items = [str(text) for text in form.getlist("texts")]
-        single = False
+        single, items = False, await _form_inputs(request, predictor, settings.max_inputs)
     else:
-        try:
-            payload = json.loads(await _body(request, settings.max_body_bytes))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _BadRequest(422, 'the body must be JSON: {"input": ...} or {"inputs": [...]}') from None
+        payload = _parse_json(await _body(request, settings.max_body_bytes))
         if not isinstance(payload, dict) or ("input" in payload) == ("inputs" in payload):
             raise _BadRequest(422, 'give exactly one of "input" (one example) or "inputs" (a list)')
         single = "input" in payload
@@ -267,6 +261,50 @@ async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings)
             if any(len(text) > settings.max_text_chars for text in texts):
                 raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
     return single, items
+
+
+def _parse_json(body: bytes):
+    """The body as JSON. Hostile JSON makes json.loads raise more than JSONDecodeError, and all of it is the
+    client's mistake, so it gets a 422 rather than the 500 of an unexpected exception."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _BadRequest(422, 'the body must be JSON: {"input": ...} or {"inputs": [...]}') from None
+    except ValueError:  # the other ValueError json.loads raises: an integer past Python's int-conversion limit
+        raise _BadRequest(422, f"a number in the body has more than {sys.get_int_max_str_digits()} digits") from None
+    except RecursionError:  # the decoder recurses once per nested list or object
+        raise _BadRequest(422, "the body's JSON is nested too deeply") from None
+
+
+async def _form_inputs(request, predictor: "Predictor", limit: int) -> list:
+    """The inputs of a multipart/form-data request: image files under `files`, or texts as plain fields under `texts`."""
+    from starlette.exceptions import HTTPException
+
+    if request.headers.get("content-length") is None:
+        raise _BadRequest(411, "multipart requests need a Content-Length header")
+    try:
+        # The parser stops at the first part past the limit, so a huge form is never held whole.
+        form = await request.form(max_files=limit, max_fields=limit)
+    except HTTPException as problem:
+        # Starlette answers too many parts with 400 and its own wording (which the test of this limit pins); for
+        # the client it is the input limit, a 422 on every path. Other unreadable forms stay 400.
+        if str(problem.detail).startswith("Too many"):
+            raise _BadRequest(422, f"more than {limit} inputs in one request; the limit is {limit}") from None
+        raise
+    # A form value is a str (a plain field) or an UploadFile (a file); each field takes only one kind. Without
+    # this check a file under `texts` was predicted as the text of its repr, "UploadFile(...)".
+    if predictor.modality == "image":
+        uploads = form.getlist("files")
+        for index, upload in enumerate(uploads):
+            if isinstance(upload, str):
+                raise _BadRequest(422, f"input {index} under `files` is a plain form field, not a file; "
+                                       "send each image as a file")
+        return [await upload.read() for upload in uploads]
+    texts = form.getlist("texts")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise _BadRequest(422, f"input {index} under `texts` is a file upload; send each text as a plain form field")
+    return texts
 
 
 def _decode_image(item, index: int) -> bytes:

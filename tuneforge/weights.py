@@ -86,28 +86,39 @@ def _read_torch_file(path: Path, allow_unsafe_pickle: bool):
 
 
 CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+# torch.save's legacy (pre-zip) format writes this many pickles in a row: magic number, protocol version, system
+# info, the object, the storage keys. The tensors' raw bytes follow; they are not pickle opcodes.
+LEGACY_PICKLES = 5
 
 
 def _pickle_calls_code(path: Path) -> bool:
-    """Whether a pickle (or torch.save's zip around one) imports or calls anything.
+    """Whether any pickle of a torch file imports or calls anything.
 
     pickletools only reads the opcodes; nothing is executed.
     """
+    try:
+        return any(op.name in CODE_OPCODES for op, _, _ in _opcodes(path))
+    except Exception:  # not even a readable pickle (found before any code opcode)
+        return False
+
+
+def _opcodes(path: Path):
+    """Every opcode of every pickle in a torch file: the .pkl members of torch.save's zip, or each pickle of the
+    legacy format. Scanning only the first legacy pickle (the magic number) would miss the object itself."""
     import pickletools
 
-    def streams():
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if name.endswith(".pkl"):
-                        yield archive.read(name)
-        else:
-            yield path.read_bytes()
-
-    try:
-        return any(op.name in CODE_OPCODES for data in streams() for op, _, _ in pickletools.genops(data))
-    except Exception:  # not even a readable pickle
-        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    yield from pickletools.genops(archive.read(name))
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        for _ in range(LEGACY_PICKLES):
+            if file.tell() == size:  # a file from plain pickle.dump holds one pickle
+                return
+            yield from pickletools.genops(file)  # reads up to this pickle's STOP, where the next one begins
 
 
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
