@@ -47,9 +47,9 @@ from transformers import (AutoModelForImageClassification, AutoModelForSequenceC
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tuneforge.data.loaders import load_rgb  # noqa: E402
-from tuneforge.models import resolve_model_path  # noqa: E402
-from tuneforge.recipe import default_data_dir  # noqa: E402
-from tuneforge.run import finetune  # noqa: E402
+from tuneforge.models.loading import resolve_model_path  # noqa: E402
+from tuneforge.config import default_data_dir  # noqa: E402
+from tuneforge.training.run import finetune  # noqa: E402
 
 hf_logging.set_verbosity_error()
 DATA = Path(default_data_dir())

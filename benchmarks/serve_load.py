@@ -31,8 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rich.console import Console  # noqa: E402
 
-from tuneforge.recipe import default_data_dir  # noqa: E402
-from tuneforge.run import finetune  # noqa: E402
+from tuneforge.config import default_data_dir  # noqa: E402
+from tuneforge.training.run import finetune  # noqa: E402
 
 SST2 = Path(default_data_dir()) / "sst2"
 SETTINGS = {

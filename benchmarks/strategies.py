@@ -26,8 +26,8 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneforge.recipe import load_recipe  # noqa: E402
-from tuneforge.run import finetune  # noqa: E402
+from tuneforge.config import load_recipe  # noqa: E402
+from tuneforge.training.run import finetune  # noqa: E402
 
 STRATEGIES = {
     "full": ({"strategy": "full"}, 1e-4),

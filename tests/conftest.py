@@ -24,7 +24,7 @@ FILLER = WORDS[14:]
 
 
 def shared_data_dir() -> Path:
-    from tuneforge.recipe import default_data_dir
+    from tuneforge.config import default_data_dir
 
     return Path(default_data_dir())
 
@@ -164,7 +164,7 @@ def text_recipe(model_dir: Path, data: dict[str, Path], out: Path, freeze: dict 
 
 def interrupt_after(monkeypatch, step: int) -> None:
     """Make training raise KeyboardInterrupt right after optimizer step `step`, as a Ctrl-C there would."""
-    from tuneforge.callbacks import RunHooks
+    from tuneforge.training.hooks import RunHooks
 
     original = RunHooks.on_step_end
 

@@ -11,11 +11,11 @@ from conftest import interrupt_after, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge import finetune
-from tuneforge.adapters import ADAPTER_FILE
-from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
+from tuneforge.models.adapters import ADAPTER_FILE
+from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints
 from tuneforge.errors import ModelError, RecipeError
-from tuneforge.inference import evaluate_run
-from tuneforge.models import load_model_folder
+from tuneforge.use.inference import evaluate_run
+from tuneforge.models.loading import load_model_folder
 
 ADAPTERS = {
     "lora": {"method": "lora", "rank": 4, "alpha": 8},
@@ -143,12 +143,12 @@ def test_lora_with_gradient_checkpointing_and_bf16(tiny_bert_no_dropout, text_da
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir, method):
-    from tuneforge.adapters import AdapterSpec, adapter_scope, apply_adapter
-    from tuneforge.freeze import FreezeSpec, build_plan
-    from tuneforge.groups import layer_groups
-    from tuneforge.models import load_model
-    from tuneforge.optim import build_optimizer
-    from tuneforge.recipe import ImageSpec, ModelSpec, OptimSpec
+    from tuneforge.models.adapters import AdapterSpec, adapter_scope, apply_adapter
+    from tuneforge.strategies.freeze import FreezeSpec, build_plan
+    from tuneforge.models.groups import layer_groups
+    from tuneforge.models.loading import load_model
+    from tuneforge.strategies.optim import build_optimizer
+    from tuneforge.config import ImageSpec, ModelSpec, OptimSpec
 
     spec = ModelSpec(name=str(tiny_bert_dir))
     loaded = load_model(spec, ["a", "b"], ImageSpec())
@@ -173,7 +173,7 @@ def _complete(result):
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_virtual_tokens_learn_reload_exactly_and_export(tiny_bert_dir, text_data, tmp_path, method):
-    from tuneforge.export import TOLERANCE, export_run
+    from tuneforge.use.export import TOLERANCE, export_run
 
     result = finetune(_recipe(tiny_bert_dir, text_data, tmp_path / "run", ADAPTERS[method], epochs=2))
     first, last = _complete(result)[0], _complete(result)[-1]

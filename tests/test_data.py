@@ -19,7 +19,7 @@ from tuneforge import cli
 from tuneforge.data.preflight import TaskData, label_key, load_task_data
 from tuneforge.data.sources import read_split
 from tuneforge.errors import DataError
-from tuneforge.recipe import DataSpec, TaskSpec
+from tuneforge.config import DataSpec, TaskSpec
 
 
 def load(task: dict | None = None, **data) -> TaskData:

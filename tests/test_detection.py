@@ -14,7 +14,7 @@ from PIL import Image
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError
-from tuneforge.inference import evaluate_run, predict_run
+from tuneforge.use.inference import evaluate_run, predict_run
 from tuneforge.tasks.detection import DetectionTask, box_iou
 
 
@@ -74,8 +74,8 @@ def test_each_detector_family_gets_a_new_class_head_and_one_step_lowers_its_loss
 
     from tuneforge.data.loaders import make_dataset
     from tuneforge.data.preflight import load_task_data
-    from tuneforge.models import load_model
-    from tuneforge.recipe import load_recipe
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import load_recipe
 
     torch.manual_seed(0)
     AutoModelForObjectDetection.from_config(_detector_config(family)).save_pretrained(tmp_path / "model")
@@ -119,7 +119,7 @@ def test_map_and_matched_iou_equal_hand_computed_values():
 
 def test_csv_voc_and_coco_read_the_same_boxes(tmp_path):
     from tuneforge.data.sources import read_split
-    from tuneforge.recipe import DataSpec
+    from tuneforge.config import DataSpec
 
     csv_path = _write_csv_split(tmp_path / "csv", 3, seed=1)
     split_csv = read_split("train", str(csv_path), DataSpec(format="boxes-csv"))
@@ -212,7 +212,7 @@ def test_a_tiny_detector_trains_evaluates_and_predicts_boxes(tiny_yolos_dir, tmp
 
     from transformers import AutoModelForObjectDetection
 
-    from tuneforge.export import export_run
+    from tuneforge.use.export import export_run
 
     folder = export_run(result.run_dir, "hf", tmp_path / "hf").folder
     assert AutoModelForObjectDetection.from_pretrained(folder).config.id2label == {0: "blue", 1: "red"}

@@ -13,7 +13,7 @@ import yaml
 from conftest import text_recipe
 from safetensors.torch import load_file
 
-from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
+from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints
 
 
 def _train(recipe_file, out, processes: int):

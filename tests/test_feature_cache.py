@@ -113,7 +113,7 @@ def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(ti
         finetune(recipe("b"))
     monkeypatch.undo()
     assert (tmp_path / "b" / "feature_cache" / "train" / "meta.json").exists()
-    import tuneforge.feature_cache as feature_cache
+    import tuneforge.training.feature_cache as feature_cache
 
     computed = []
     real = feature_cache._boundary_outputs
@@ -126,9 +126,9 @@ def test_resumed_cached_run_equals_the_uninterrupted_one_and_reuses_the_cache(ti
 def test_cache_is_reused_only_while_model_and_data_are_unchanged(tiny_bert_dir, text_data, tmp_path):
     from rich.console import Console
 
-    from tuneforge.feature_cache import FrozenPrefix, build_store
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import assemble, make_accelerator
+    from tuneforge.training.feature_cache import FrozenPrefix, build_store
+    from tuneforge.config import load_recipe
+    from tuneforge.training.run import assemble, make_accelerator
 
     recipe = load_recipe(text_recipe(tiny_bert_dir, text_data, tmp_path / "run"))
     recipe.model.freeze.strategy = "head_only"
@@ -172,10 +172,10 @@ def test_no_cache_where_it_would_change_the_result(tiny_bert_dir, tiny_vit_dir, 
 
 
 def test_frozen_prefix_runs_in_eval_mode_with_and_without_cache(tiny_bert_dir):
-    from tuneforge.freeze import FreezeSpec, build_plan
-    from tuneforge.groups import layer_groups
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.strategies.freeze import FreezeSpec, build_plan
+    from tuneforge.models.groups import layer_groups
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
 
     loaded = load_model(ModelSpec(name=str(tiny_bert_dir)), ["neg", "pos"], ImageSpec())
     groups = layer_groups(loaded.model, loaded.head_prefixes)
@@ -210,7 +210,7 @@ def test_cached_rows_sit_where_the_tokens_are_on_either_padding_side(tiny_bert_d
 
     from tuneforge.data.loaders import TextDataset
     from tuneforge.data.sources import Split
-    from tuneforge.feature_cache import CACHE_KEY, CachedDataset, FeatureStore
+    from tuneforge.training.feature_cache import CACHE_KEY, CachedDataset, FeatureStore
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     texts = ["good", "a much longer sentence about a film"]

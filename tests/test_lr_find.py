@@ -10,13 +10,13 @@ import torch
 import yaml
 from conftest import sentiment_rows, text_recipe, write_tsv
 
-import tuneforge.lr_find as lr_find_module
-import tuneforge.run
+import tuneforge.training.lr_find as lr_find_module
+import tuneforge.training.run
 from tuneforge.cli import main as cli
 from tuneforge.errors import RecipeError
-from tuneforge.loop import Progress
-from tuneforge.lr_find import _sweep, find_lr, suggest
-from tuneforge.recipe import load_recipe
+from tuneforge.training.loop import Progress
+from tuneforge.training.lr_find import _sweep, find_lr, suggest
+from tuneforge.config import load_recipe
 
 CURVE_KEYS = {"lrs", "losses", "smoothed_losses", "suggestion", "min_loss_lr", "conservative_suggestion",
               "stopped_early_at"}
@@ -123,14 +123,14 @@ def test_stops_early_when_the_loss_diverges(tiny_bert_dir, data, tmp_path):
 
 def test_frozen_weights_stay_untouched(tiny_bert_dir, data, tmp_path, monkeypatch):
     loaded_models = []
-    original = tuneforge.run.load_model
+    original = tuneforge.training.run.load_model
 
     def keep(*args, **kwargs):
         loaded = original(*args, **kwargs)
         loaded_models.append((loaded.model, {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}))
         return loaded
 
-    monkeypatch.setattr(tuneforge.run, "load_model", keep)
+    monkeypatch.setattr(tuneforge.training.run, "load_model", keep)
     recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run")
     recipe["model"]["freeze"] = {"strategy": "head_only"}
     find_lr(recipe, output_dir=tmp_path / "out", start_lr=1e-4, end_lr=1e-1, steps=10)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ModelError
-from tuneforge.groups import layer_groups
-from tuneforge.models import load_model
-from tuneforge.recipe import ImageSpec, ModelSpec
-from tuneforge.weights import read_state_dict
+from tuneforge.models.groups import layer_groups
+from tuneforge.models.loading import load_model
+from tuneforge.config import ImageSpec, ModelSpec
+from tuneforge.models.weights import read_state_dict
 
 IMAGE = ImageSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -25,8 +25,8 @@ def _text_dataset(model_dir: Path, texts: list[str], max_length: int = 16):
 
 
 def test_dynamic_padding_gives_the_same_loss_as_full_padding(tiny_bert_no_dropout):
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
     from tuneforge.tasks.classification import ClassificationTask
 
     texts = [text for text, _ in sentiment_rows(12)] + ["good", "the movie was not very good but the plot was fine"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from tuneforge.adapters import AdapterSpec, adapter_parameters, attach_adapter
+from tuneforge.models.adapters import AdapterSpec, adapter_parameters, attach_adapter
 from tuneforge.errors import ModelError
-from tuneforge.models import LoadedModel, LoadReport
-from tuneforge.prompts import PREFIX_MODULE, AttentionPrefix, prefix_attention
+from tuneforge.models.loading import LoadedModel, LoadReport
+from tuneforge.models.prompts import PREFIX_MODULE, AttentionPrefix, prefix_attention
 
 SMALL = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -124,7 +124,7 @@ def test_gpt2_prefix_keeps_causality_and_prompt_is_refused():
 
 
 def test_a_model_outside_transformers_gets_a_clear_error():
-    from tuneforge.models import FactoryClassifier
+    from tuneforge.models.loading import FactoryClassifier
 
     model = FactoryClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)))
     loaded = LoadedModel(model, _Processor(), "image", ["net.1"], LoadReport())

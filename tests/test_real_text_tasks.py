@@ -21,8 +21,8 @@ from conftest import requires_shared_data
 
 from tuneforge import finetune
 from tuneforge.data.text_tasks import load_text_task_data
-from tuneforge.inference import evaluate_run, predict_run
-from tuneforge.recipe import load_recipe
+from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.config import load_recipe
 
 pytestmark = pytest.mark.slow
 

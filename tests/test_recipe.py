@@ -13,7 +13,7 @@ import yaml
 
 from tuneforge import cli
 from tuneforge.errors import RecipeError, TuneforgeError
-from tuneforge.recipe import (
+from tuneforge.config import (
     DataSpec,
     ImageSpec,
     Recipe,

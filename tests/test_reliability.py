@@ -17,13 +17,13 @@ import torch
 import yaml
 from conftest import script_accuracy, text_recipe
 
-from tuneforge.callbacks import RunHooks
-from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints, verify_checkpoint
+from tuneforge.training.hooks import RunHooks
+from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints, verify_checkpoint
 from tuneforge.cli import main as cli
 from tuneforge.errors import ModelError, ResumeError, StorageError, TrainingError
-from tuneforge.run import finetune
+from tuneforge.training.run import finetune
 from tuneforge.tasks.classification import ClassificationTask
-from tuneforge.weights import read_state_dict
+from tuneforge.models.weights import read_state_dict
 
 SETTINGS = {"epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 10}
 
@@ -150,7 +150,7 @@ def test_resume_refuses_a_changed_label_set_and_lists_harmless_changes(tiny_bert
 
 def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_last_checkpoint(
         tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
-    import tuneforge.checkpoint as checkpoint
+    import tuneforge.training.checkpoint as checkpoint
 
     data, _ = uninterrupted
     real_save = checkpoint.save_model
@@ -264,7 +264,7 @@ def test_cli_exit_code_for_runtime_faults(tiny_bert_dir, uninterrupted, tmp_path
 
 
 def test_an_unwritable_model_folder_is_a_clear_error(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
-    import tuneforge.callbacks as callbacks
+    import tuneforge.training.hooks as callbacks
 
     data, _ = uninterrupted
     real = callbacks.save_run_model

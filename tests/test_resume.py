@@ -10,7 +10,7 @@ from conftest import interrupt_after, text_recipe
 from safetensors.torch import load_file
 
 from tuneforge import finetune
-from tuneforge.checkpoint import FROZEN_FILE, checkpoint_weights, complete_checkpoints, verify_checkpoint
+from tuneforge.training.checkpoint import FROZEN_FILE, checkpoint_weights, complete_checkpoints, verify_checkpoint
 from tuneforge.errors import ResumeError
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ValidationError
 
-from tuneforge.schedules import PlateauState, ScheduleSpec, lr_multiplier, make_multiplier, refresh_lr, warmup_steps_for
+from tuneforge.strategies.schedules import PlateauState, ScheduleSpec, lr_multiplier, make_multiplier, refresh_lr, warmup_steps_for
 
 TOTAL, WARMUP = 110, 10
 ALL_NAMES = ["constant", "linear", "cosine", "exponential", "step", "multistep", "one_cycle", "cyclic", "plateau"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError
-from tuneforge.inference import evaluate_run, predict_run
+from tuneforge.use.inference import evaluate_run, predict_run
 from tuneforge.tasks.segmentation import SegmentationTask
 
 
@@ -82,8 +82,8 @@ def test_iou_dice_and_pixel_accuracy_equal_hand_computed_values():
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_segformer_dir):
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
 
     loaded = load_model(ModelSpec(name=str(tiny_segformer_dir)), ["0", "1", "2"], ImageSpec(size=32), "segmentation")
     loaded.model.eval()
@@ -122,7 +122,7 @@ def test_a_run_learns_and_predicts_masks_at_each_images_size(tiny_segformer_dir,
 
     from transformers import AutoModelForSemanticSegmentation
 
-    from tuneforge.export import TOLERANCE, export_run
+    from tuneforge.use.export import TOLERANCE, export_run
 
     folder = export_run(result.run_dir, "hf", tmp_path / "hf").folder
     assert AutoModelForSemanticSegmentation.from_pretrained(folder).config.num_labels == 3

@@ -9,14 +9,14 @@ import torch
 from conftest import interrupt_after, script_accuracy, text_recipe
 from safetensors.torch import load_file
 
-from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
+from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints
 from tuneforge.errors import RecipeError
-from tuneforge.freeze import FreezeSpec, build_plan
-from tuneforge.groups import layer_groups
-from tuneforge.models import load_model
-from tuneforge.optim import L2SP, build_optimizer
-from tuneforge.recipe import ImageSpec, ModelSpec, OptimSpec
-from tuneforge.run import finetune
+from tuneforge.strategies.freeze import FreezeSpec, build_plan
+from tuneforge.models.groups import layer_groups
+from tuneforge.models.loading import load_model
+from tuneforge.strategies.optim import L2SP, build_optimizer
+from tuneforge.config import ImageSpec, ModelSpec, OptimSpec
+from tuneforge.training.run import finetune
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 
 IMAGE = ImageSpec(size=32)
@@ -304,7 +304,7 @@ def _saved_activation_bytes(model, inputs) -> tuple[int, dict]:
 
 
 def test_gradient_checkpointing_same_gradients_less_memory(tiny_bert_no_dropout):
-    from tuneforge.models import enable_gradient_checkpointing
+    from tuneforge.models.loading import enable_gradient_checkpointing
 
     inputs = {"input_ids": torch.randint(5, 30, (4, 48)), "attention_mask": torch.ones(4, 48, dtype=torch.long)}
     plain = load_model(ModelSpec(name=str(tiny_bert_no_dropout), head_dropout=0.0), ["a", "b"], IMAGE)
@@ -418,15 +418,15 @@ def test_feature_extraction_runs_the_backbone_as_a_fixed_extractor(tmp_path, ima
     weights, start = _weights(result.run_dir), torch.load(tmp_path / "w.th", weights_only=True)["state_dict"]
     assert torch.equal(weights["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])
     assert weights["linear.1.weight"].shape == (16, 64) and weights["linear.4.weight"].shape == (2, 16)
-    from tuneforge.models import load_model_folder
+    from tuneforge.models.loading import load_model_folder
 
     # the MLP head is rebuilt on reload, by the factory the user trusts
     reloaded, _ = load_model_folder(result.run_dir / "model", factory="examples.cifar_resnet:resnet20")
     assert reloaded.model.net.linear[4].out_features == 2
 
     # The plan puts every backbone module in eval mode, the head in train mode.
-    from tuneforge.freeze import FreezeSpec, build_plan
-    from tuneforge.recipe import ModelSpec
+    from tuneforge.strategies.freeze import FreezeSpec, build_plan
+    from tuneforge.config import ModelSpec
 
     loaded = load_model(ModelSpec(factory="examples.cifar_resnet:resnet20", weights=str(tmp_path / "w.th"),
                                   freeze=FreezeSpec(strategy="feature_extraction", head_hidden=16)), ["a", "b"], IMAGE)

@@ -14,7 +14,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, text_recipe
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError, RecipeError
-from tuneforge.inference import evaluate_run, predict_run
+from tuneforge.use.inference import evaluate_run, predict_run
 from tuneforge.tasks.multilabel import MultiLabelTask
 from tuneforge.tasks.regression import RegressionTask
 
@@ -61,8 +61,8 @@ def test_threshold_tuning_picks_the_best_micro_f1():
 
 @pytest.mark.parametrize("kind", ["regression", "multilabel"])
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_bert_no_dropout, kind):
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
 
     torch.manual_seed(0)
     loaded = load_model(ModelSpec(name=str(tiny_bert_no_dropout)), ["x", "y"], ImageSpec())
@@ -112,7 +112,7 @@ def regression_data(tmp_path):
 def test_regression_run_predicts_in_the_data_units_and_exports_them(tiny_bert_dir, regression_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from tuneforge.export import export_run
+    from tuneforge.use.export import export_run
 
     recipe = text_recipe(tiny_bert_dir, regression_data, tmp_path / "run", epochs=3)
     recipe["task"] = {"type": "regression"}
@@ -229,7 +229,7 @@ def test_bad_targets_are_reported_before_training(tiny_bert_dir, regression_data
     ({"data": {"label_column": ["a", "b"]}}, "only task.type regression reads"),
 ])
 def test_task_settings_that_do_not_fit_are_refused(change, message):
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     raw = {"model": {"name": "m"}, "data": {"train": "t.tsv"}}
     for section, values in change.items():
@@ -239,7 +239,7 @@ def test_task_settings_that_do_not_fit_are_refused(change, message):
 
 
 def test_defaults_follow_the_task():
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     regression = load_recipe({"model": {"name": "m"}, "data": {"train": "t"}, "task": {"type": "regression"}})
     assert (regression.eval.metric, regression.eval.mode) == ("rmse", "min")
@@ -251,7 +251,7 @@ def test_defaults_follow_the_task():
 
 def test_label_text_lines_are_read_like_sst5(tmp_path):
     from tuneforge.data.sources import read_split
-    from tuneforge.recipe import DataSpec
+    from tuneforge.config import DataSpec
 
     path = tmp_path / "stsa.fine.train"
     path.write_text("3 a gripping , funny film\n0 dull\n\n4 superb  acting\n")
@@ -264,7 +264,7 @@ def test_label_text_lines_are_read_like_sst5(tmp_path):
 
 def test_multilabel_text_cells_are_split_at_the_separator(tmp_path):
     from tuneforge.data.preflight import load_task_data
-    from tuneforge.recipe import DataSpec, TaskSpec
+    from tuneforge.config import DataSpec, TaskSpec
 
     train = tmp_path / "train.tsv"
     train.write_text("text\ttags\ngood film\tpos; film\nbad\tneg\nnothing\t\n")

@@ -152,7 +152,7 @@ def recipe(model: dict, data: dict, task: dict, /, **sections) -> dict:
 
 
 def run(recipe_dict: dict, out: Path):
-    from tuneforge.run import finetune
+    from tuneforge.training.run import finetune
 
     return finetune(recipe_dict, output_dir=out, console=QUIET)
 
@@ -163,8 +163,8 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def load(folder: Path, task: str, **model):
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
 
     return load_model(ModelSpec(name=str(folder), **model), [], ImageSpec(), task)
 
@@ -463,7 +463,7 @@ def test_a_longer_example_in_the_batch_does_not_change_another_examples_loss(tin
 
 def test_instruction_format_learns_only_the_response(tiny_generators, tmp_path):
     from tuneforge.data.text_tasks import IGNORE, load_text_task_data, make_text_task_dataset
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     rows = [{"prompt": "is the movie good", "response": "very good"}, {"prompt": "the plot", "response": "was bad but fine"}]
     spec = load_recipe(recipe({"name": str(tiny_generators["gpt2"])},
@@ -533,8 +533,8 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_generators, packing):
 
 def test_validation_fraction_keeps_each_image_on_one_side_with_all_its_captions(caption_table, tiny_vit_dir, tiny_generators):
     from tuneforge.data.text_tasks import CaptionDataset, load_text_task_data
-    from tuneforge.models import CaptionProcessor
-    from tuneforge.recipe import load_recipe
+    from tuneforge.models.loading import CaptionProcessor
+    from tuneforge.config import load_recipe
 
     captions: dict[Path, list[str]] = {}
     for line in caption_table.read_text().splitlines():
@@ -566,7 +566,7 @@ def test_captioning_scores_each_image_once_against_all_its_captions(captioning_r
 
 def test_qa_test_fraction_holds_out_whole_articles(squad_file, tiny_bert_dir):
     from tuneforge.data.text_tasks import load_text_task_data
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     for seed in range(4):
         spec = load_recipe(recipe({"name": str(tiny_bert_dir)}, {"train": str(squad_file), "test_fraction": 0.3,
@@ -634,8 +634,8 @@ def test_partial_freezing_works_on_a_tied_embedding_model(tiny_generators, seq2s
 
 
 def test_layerwise_decay_gives_encoder_blocks_smaller_lrs_than_decoder_blocks(tiny_generators, seq2seq_files, tmp_path):
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import assemble, make_accelerator
+    from tuneforge.config import load_recipe
+    from tuneforge.training.run import assemble, make_accelerator
 
     spec = load_recipe(seq2seq_recipe(tiny_generators["t5"], seq2seq_files,
                                       optim={"lr_strategy": "layerwise_decay", "layer_decay": 0.5}))
@@ -698,7 +698,7 @@ def test_parallel_files_with_different_line_counts_are_reported(tiny_generators,
 
 def test_parallel_files_are_read_line_by_line_gzipped_or_not(tiny_generators, tmp_path):
     from tuneforge.data.text_tasks import load_text_task_data
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     spec = load_recipe(parallel_recipe(tiny_generators["t5"], tmp_path, "good movie\n\nthe plot\n",
                                        "movie good\nfilm bad\nplot the\n"))
@@ -734,7 +734,7 @@ def test_an_overlong_source_is_cut_with_a_counted_note(seq2seq_run):
 
 
 def test_a_qa_stride_too_long_for_the_window_is_a_recipe_error(tiny_bert_dir, squad_file, tmp_path):
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     with pytest.raises(RecipeError, match="task.stride 24 must be less than half of model.max_length 48"):
         run(recipe({"name": str(tiny_bert_dir), "max_length": 48}, {"train": str(squad_file)}, {"type": "qa", "stride": 24}),
@@ -761,7 +761,7 @@ def test_hf_export_generates_what_predict_says(seq2seq_run, tmp_path):
     import tuneforge
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from tuneforge.export import export_run
+    from tuneforge.use.export import export_run
 
     export_run(seq2seq_run.run_dir, "hf", tmp_path / "hf")
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval(), AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -800,7 +800,7 @@ def test_the_source_prefix_is_put_before_sources_in_training_and_prediction(seq2
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 def test_onnx_and_torch_export_of_a_generator_are_refused(seq2seq_run, tmp_path, fmt):
-    from tuneforge.export import export_run
+    from tuneforge.use.export import export_run
 
     with pytest.raises(ModelError, match="--format hf"):
         export_run(seq2seq_run.run_dir, fmt, tmp_path / fmt)
@@ -810,7 +810,7 @@ def test_onnx_and_torch_export_of_a_generator_are_refused(seq2seq_run, tmp_path,
 # ---------------------------------------------------------------- evaluate, predict and serve from the command line
 
 def test_evaluate_on_a_file_repeats_the_runs_own_figures(seq2seq_run, seq2seq_files, qa_run, tmp_path):
-    from tuneforge.inference import evaluate_run
+    from tuneforge.use.inference import evaluate_run
 
     again = evaluate_run(seq2seq_run.run_dir, seq2seq_files["validation"], tmp_path / "eval.json")
     saved = seq2seq_run.metrics["splits"]["validation"]
@@ -819,7 +819,7 @@ def test_evaluate_on_a_file_repeats_the_runs_own_figures(seq2seq_run, seq2seq_fi
     assert json.loads((tmp_path / "eval.json").read_text())["bleu"] == again["bleu"]
     # QA: a SQuAD file of the run's own test questions gives the run's test figures.
     from tuneforge.data.text_tasks import load_text_task_data
-    from tuneforge.recipe import load_recipe
+    from tuneforge.config import load_recipe
 
     spec = load_recipe(qa_run.run_dir / "recipe.yaml")
     test = load_text_task_data(spec.data, spec.task).splits["test"].labels
@@ -837,7 +837,7 @@ def test_predict_writes_one_row_per_input_for_each_task(seq2seq_run, causal_lm_r
     import csv
 
     import tuneforge
-    from tuneforge.inference import predict_run
+    from tuneforge.use.inference import predict_run
 
     (tmp_path / "sources.txt").write_text("good movie\n\nthe plot was bad\n")  # blank lines are skipped
     assert predict_run(seq2seq_run.run_dir, tmp_path / "sources.txt", tmp_path / "s.csv") == 2
@@ -881,8 +881,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(arch, tiny_gen
                                                                   monkeypatch):
     from conftest import interrupt_after
 
-    from tuneforge.checkpoint import checkpoint_weights, complete_checkpoints
-    from tuneforge.run import finetune
+    from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints
+    from tuneforge.training.run import finetune
 
     train = {"epochs": 2, "batch_size": 4, "checkpoint_every_steps": 4, "keep_checkpoints": 10}
     if arch == "t5":
@@ -935,7 +935,7 @@ def test_two_processes_evaluate_like_one(kind, tiny_generators, seq2seq_files, t
 
 def test_the_captioning_template_recipe_trains_on_a_captions_folder(tiny_vit_dir, tiny_generators, caption_table, tmp_path,
                                                                     monkeypatch):
-    from tuneforge.run import finetune
+    from tuneforge.training.run import finetune
 
     monkeypatch.setenv("CAPTIONS_DATA", str(caption_table.parent))  # the shipped template, on generated images
     monkeypatch.setenv("CAPTION_ENCODER", str(tiny_vit_dir))

@@ -12,13 +12,13 @@ from tuneforge.errors import RecipeError, TuneforgeError
 
 
 def _train(args) -> None:
-    from tuneforge.run import finetune
+    from tuneforge.training.run import finetune
 
     finetune(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
 
 
 def _lr_find(args) -> None:
-    from tuneforge.lr_find import find_lr
+    from tuneforge.training.lr_find import find_lr
 
     find_lr(args.recipe, args.overrides, output_dir=args.output_dir, start_lr=args.start_lr, end_lr=args.end_lr,
             steps=args.steps)
@@ -27,21 +27,21 @@ def _lr_find(args) -> None:
 def _evaluate(args) -> None:
     import json
 
-    from tuneforge.inference import evaluate_run
+    from tuneforge.use.inference import evaluate_run
 
     metrics = evaluate_run(args.run, args.data, output=args.output, factory=args.trust_factory)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "per_class")}, indent=2))
 
 
 def _predict(args) -> None:
-    from tuneforge.inference import predict_run
+    from tuneforge.use.inference import predict_run
 
     count = predict_run(args.run, args.input, args.output, args.draw, factory=args.trust_factory)
     print(f"wrote {count} predictions to {args.output}")
 
 
 def _inspect(args) -> None:
-    from tuneforge.inference import inspect_model
+    from tuneforge.use.inference import inspect_model
 
     if args.recipe is not None and args.model is not None and "=" in args.model:  # an override, not a model
         args.overrides, args.model = [args.model, *args.overrides], None
@@ -52,7 +52,7 @@ def _inspect(args) -> None:
 
 
 def _export(args) -> None:
-    from tuneforge.export import export_run
+    from tuneforge.use.export import export_run
 
     result = export_run(args.run, args.format, args.output, overwrite=args.overwrite, factory=args.trust_factory)
     check = "" if result.max_abs_diff is None else f"; max |logit difference| vs PyTorch {result.max_abs_diff:.2e}"
@@ -62,7 +62,7 @@ def _export(args) -> None:
 def _serve(args) -> None:
     import os
 
-    from tuneforge.serve import ServeSettings, serve
+    from tuneforge.use.serve import ServeSettings, serve
 
     token = None
     if args.token_env:
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     export.set_defaults(handler=_export)
 
-    from tuneforge.serve import ServeSettings  # plain settings: importing them loads no model code
+    from tuneforge.use.serve import ServeSettings  # plain settings: importing them loads no model code
 
     defaults = ServeSettings()
     serve = commands.add_parser("serve", help="serve a model over HTTP (POST /predict, /health, /ready, /metadata)")

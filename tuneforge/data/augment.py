@@ -17,53 +17,10 @@ from collections.abc import Sequence
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.config.data import AugmentSpec
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class ColorJitterSpec(_Spec):
-    """torchvision ColorJitter semantics: each factor f draws from [max(0, 1 - f), 1 + f], hue from [-h, h]."""
-
-    brightness: float = Field(0.0, ge=0.0, description="brightness factor drawn from [1-b, 1+b]")
-    contrast: float = Field(0.0, ge=0.0, description="contrast factor drawn from [1-c, 1+c]")
-    saturation: float = Field(0.0, ge=0.0, description="saturation factor drawn from [1-s, 1+s]")
-    hue: float = Field(0.0, ge=0.0, le=0.5, description="hue shift drawn from [-h, h] (fraction of the colour wheel)")
-    p: float = Field(1.0, ge=0.0, le=1.0, description="probability that an image is jittered")
-
-    @property
-    def is_active(self) -> bool:
-        return self.p > 0 and any((self.brightness, self.contrast, self.saturation, self.hue))
-
-
-class AugmentSpec(_Spec):
-    """Train-time batch augmentation; everything is off by default."""
-
-    rotation: float = Field(0.0, ge=0.0, le=180.0, description="rotate by an angle uniform in [-r, r] degrees")
-    width_shift: float = Field(0.0, ge=0.0, le=1.0, description="shift horizontally by up to this fraction of the width")
-    height_shift: float = Field(0.0, ge=0.0, le=1.0, description="shift vertically by up to this fraction of the height")
-    shear: float = Field(0.0, ge=0.0, lt=90.0, description="shear along x by an angle uniform in [-s, s] degrees")
-    zoom: float = Field(0.0, ge=0.0, lt=1.0, description="scale uniform in [1-z, 1+z] (above 1 enlarges the content)")
-    horizontal_flip: bool = Field(False, description="mirror left-right with probability 0.5")
-    color_jitter: ColorJitterSpec | None = Field(None, description="random brightness/contrast/saturation/hue")
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of erasing a random rectangle to the mean colour")
-    mixup: float = Field(0.0, ge=0.0, description="MixUp Beta(alpha, alpha) parameter; 0 = off")
-    cutmix: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) parameter; 0 = off")
-
-    @property
-    def has_geometry(self) -> bool:
-        return any((self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom))
-
-    @property
-    def changes_labels(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
-
-    @property
-    def is_active(self) -> bool:
-        jitter = self.color_jitter is not None and self.color_jitter.is_active
-        return self.has_geometry or self.horizontal_flip or jitter or self.random_erasing > 0 or self.changes_labels
 
 
 def geometric_transform(degrees=0.0, translate=None, scale=None, shear=None) -> K.RandomAffine:

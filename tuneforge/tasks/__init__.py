@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.errors import RecipeError
-from tuneforge.recipe import TEXT_TASK_SETTINGS
+from tuneforge.config import TEXT_TASK_SETTINGS
 from tuneforge.tasks.classification import ClassificationTask, balanced_class_weights
 from tuneforge.tasks.detection import DetectionTask
 from tuneforge.tasks.generation import CausalLMTask, GenerationTask

@@ -17,7 +17,7 @@ class TaskBase:
 
     def evaluate(self, model, loader, accelerator) -> dict:
         """The task's metrics over a loader's whole split (gathered from every process)."""
-        from tuneforge.loop import predict_logits
+        from tuneforge.training.loop import predict_logits
 
         outputs, targets = predict_logits(model, loader, accelerator)
         return self.metrics(outputs, targets)

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from tuneforge.loop import is_out_of_memory
+from tuneforge.training.loop import is_out_of_memory
 
 MEMORY_SHARE = 0.8  # of the device's memory a training step may use
 FIRST, LARGEST = 8, 1024

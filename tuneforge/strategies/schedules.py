@@ -19,76 +19,10 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
-from itertools import pairwise
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from tuneforge.limits import MAX_STEPS
-
-ScheduleName = Literal["constant", "linear", "cosine", "exponential", "step", "multistep",
-                       "one_cycle", "cyclic", "plateau"]
-
-# Settings with no sensible default: a schedule that needs one must be given it.
-REQUIRED_SETTINGS = {"exponential": "decay_steps", "step": "step_size",
-                     "multistep": "milestones", "cyclic": "cycle_steps"}
 
 
-class ScheduleSpec(BaseModel):
-    """Which learning-rate schedule to run, and its settings (a recipe section)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: ScheduleName = Field("linear", description="schedule applied after warmup")
-    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="linear warmup in optimizer steps; overrides warmup_ratio")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="linear warmup as a fraction of total steps")
-    # linear, cosine
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine: final LR as a fraction of the base LR")
-    # exponential
-    decay_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="exponential: steps over which LR is multiplied by decay_rate")
-    decay_rate: float = Field(0.96, gt=0.0, le=1.0, description="exponential: multiplier per decay_steps")
-    staircase: bool = Field(False, description="exponential: decay in whole steps of decay_steps")
-    # step, multistep
-    step_size: int | None = Field(None, gt=0, le=MAX_STEPS, description="step: multiply LR by gamma every step_size steps")
-    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: multiplier per decay")
-    milestones: list[int] | None = Field(None, description="multistep: steps after warmup at which LR is multiplied by gamma")
-    # one_cycle
-    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="one_cycle: fraction of the horizon spent rising")
-    div_factor: float = Field(25.0, gt=0.0, description="one_cycle: starting multiplier is 1/div_factor")
-    final_div_factor: float = Field(1e4, gt=0.0, description="one_cycle: final multiplier is 1/(div_factor*final_div_factor)")
-    # cyclic
-    cycle_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="cyclic: length of a full up-and-down cycle in steps")
-    base_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cyclic: lowest multiplier of the cycle")
-    # plateau
-    factor: float = Field(0.1, gt=0.0, lt=1.0, description="plateau: multiplier applied at each reduction")
-    patience: int = Field(2, ge=0, le=MAX_STEPS, description="plateau: evaluations without improvement tolerated")
-    threshold: float = Field(1e-4, ge=0.0, description="plateau: relative improvement that counts as better")
-    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="plateau: lowest multiplier reductions reach")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bare_name(cls, data):
-        # Lets a recipe say `schedule: cosine` instead of `schedule: {name: cosine}`.
-        return {"name": data} if isinstance(data, str) else data
-
-    @field_validator("milestones")
-    @classmethod
-    def _milestones_increasing(cls, milestones: list[int] | None) -> list[int] | None:
-        if milestones is None:
-            return None
-        if any(milestone <= 0 for milestone in milestones):
-            raise ValueError(f"milestones must be positive step counts, got {milestones}")
-        if any(later <= earlier for earlier, later in pairwise(milestones)):
-            raise ValueError(f"milestones must be strictly increasing, got {milestones}")
-        return milestones
-
-    @model_validator(mode="after")
-    def _required_settings_given(self) -> ScheduleSpec:
-        setting = REQUIRED_SETTINGS.get(self.name)
-        if setting is not None and not getattr(self, setting):
-            raise ValueError(f"{setting} is required when name is {self.name!r}")
-        return self
-
+from tuneforge.config.training import REQUIRED_SETTINGS, ScheduleName, ScheduleSpec  # noqa: F401
 
 class PlateauState:
     """Reduce-on-plateau multiplier, updated after each validation evaluation."""
@@ -145,7 +79,7 @@ class PlateauState:
 
 
 def warmup_steps_for(spec: ScheduleSpec, total_steps: int) -> int:
-    """Warmup length in steps; int() truncation matches tuneforge.optim."""
+    """Warmup length in steps; int() truncation matches tuneforge.strategies.optim."""
     if spec.warmup_steps is not None:
         return spec.warmup_steps
     return int(spec.warmup_ratio * total_steps)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from tuneforge.errors import StorageError
-from tuneforge.weights import misfit
+from tuneforge.models.weights import misfit
 
 PREFIX = "step-"
 FROZEN_FILE = "frozen.safetensors"

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from tuneforge.errors import RecipeError
-from tuneforge.freeze import FreezePlan, select_params
-from tuneforge.groups import LayerGroup
-from tuneforge.schedules import PlateauState, make_multiplier
+from tuneforge.strategies.freeze import FreezePlan, select_params
+from tuneforge.models.groups import LayerGroup
+from tuneforge.strategies.schedules import PlateauState, make_multiplier
 
 
 def group_lrs(groups: list[LayerGroup], optim_spec) -> dict[str, float]:

@@ -27,25 +27,25 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.adapters import adapter_scope, apply_adapter, merged_copy
-from tuneforge.callbacks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, Run, RunHooks, clear_run_dir,
+from tuneforge.models.adapters import adapter_scope, apply_adapter, merged_copy
+from tuneforge.training.hooks import (CHECKPOINT_DIR, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, Run, RunHooks, clear_run_dir,
                                  drop_redone_records, is_run_dir, repair_run_dir, save_run_model, storage_errors,
                                  update_model_info, write_json_atomic)
-from tuneforge.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
+from tuneforge.training.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.loaders import EpochBatchSampler, balanced_weights, make_dataset, make_loader
 from tuneforge.data.preflight import TaskData, load_task_data
 from tuneforge.data.text_tasks import make_text_task_dataset
 from tuneforge.errors import ModelError, RecipeError, ResumeError
-from tuneforge.feature_cache import FrozenPrefix, cache_splits, choose_prefix, remove_hooks
-from tuneforge.freeze import FreezePlan, build_plan
-from tuneforge.groups import layer_groups
-from tuneforge.loop import StepTools, fit, predict_logits
-from tuneforge.memory import find_batch_size
-from tuneforge.models import LoadedModel, enable_gradient_checkpointing, load_model, restore_saved_weights
-from tuneforge.optim import L2SP, build_optimizer
-from tuneforge.recipe import TEXT_TASKS, Recipe, load_recipe, read_yaml
-from tuneforge.schedules import PlateauState
+from tuneforge.training.feature_cache import FrozenPrefix, cache_splits, choose_prefix, remove_hooks
+from tuneforge.strategies.freeze import FreezePlan, build_plan
+from tuneforge.models.groups import layer_groups
+from tuneforge.training.loop import StepTools, fit, predict_logits
+from tuneforge.training.memory import find_batch_size
+from tuneforge.models.loading import LoadedModel, enable_gradient_checkpointing, load_model, restore_saved_weights
+from tuneforge.strategies.optim import L2SP, build_optimizer
+from tuneforge.config import TEXT_TASKS, Recipe, load_recipe, read_yaml
+from tuneforge.strategies.schedules import PlateauState
 from tuneforge.tasks import Task, make_task
 
 

@@ -24,62 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from tuneforge.config.model import FreezeSpec, StageSpec
 from tuneforge.errors import RecipeError
-from tuneforge.groups import LayerGroup, covering_modules, frozen_prefix
-from tuneforge.limits import MAX_COUNT, MAX_STEPS
+from tuneforge.models.groups import LayerGroup, covering_modules, frozen_prefix
 
-SELECTORS_HELP = ("group names as `tuneforge inspect` shows them (embeddings or stem, block.K, neck, head), "
-                  "or all, backbone (all but the head), blocks, last:N (the last N blocks)")
-
-
-class StageSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: float | None = Field(None, gt=0, description="stage length in epochs")
-    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="stage length in optimizer steps")
-    train: list[str] = Field(min_length=1, description=SELECTORS_HELP)
-    lr_multiplier: float = Field(1.0, gt=0, description="multiplies every group's learning rate in this stage")
-
-    @model_validator(mode="after")
-    def _length(self) -> StageSpec:
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("a stage needs exactly one length: epochs or steps")
-        return self
-
-
-class FreezeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive", "bitfit"] = "full"
-    trainable_blocks: int | None = Field(None, gt=0, le=MAX_COUNT, description="partial: how many of the last blocks train")
-    head_hidden: int | None = Field(None, gt=0, le=MAX_COUNT,
-                                    description="feature_extraction: hidden width of an MLP head (factory models)")
-    stages: list[StageSpec] | None = Field(None, description="progressive: the stages in order")
-    include: list[str] = Field(default_factory=list, description="regexes of parameter names that always train")
-    exclude: list[str] = Field(default_factory=list, description="regexes of parameter names that never train")
-    train_bn: bool = Field(False, description="let BatchNorm in frozen parts update its running statistics")
-
-    @model_validator(mode="after")
-    def _strategy_fields(self) -> FreezeSpec:
-        if self.strategy == "partial" and self.trainable_blocks is None:
-            raise ValueError("strategy partial needs trainable_blocks (how many of the last blocks train)")
-        if self.strategy == "progressive" and not self.stages:
-            raise ValueError("strategy progressive needs stages, e.g. [{epochs: 1, train: [head]}, {epochs: 2, train: [all]}]")
-        if self.stages and self.strategy != "progressive":
-            raise ValueError(f"stages are for strategy progressive, not {self.strategy}")
-        if self.head_hidden and self.strategy != "feature_extraction":
-            raise ValueError("head_hidden is for strategy feature_extraction")
-        for pattern in self.include + self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
-        return self
 
 
 @dataclass

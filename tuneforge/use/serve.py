@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.recipe import read_yaml
+from tuneforge.config import read_yaml
 
 if TYPE_CHECKING:
-    from tuneforge.predictor import Predictor
+    from tuneforge.use.predictor import Predictor
 
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # no token needed
 
@@ -330,7 +330,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, settings:
           factory=None) -> None:
     import uvicorn
 
-    from tuneforge.predictor import Predictor
+    from tuneforge.use.predictor import Predictor
 
     predictor = Predictor(path, factory)
     app = create_app(predictor, settings or ServeSettings())

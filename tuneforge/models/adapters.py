@@ -12,63 +12,17 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from tuneforge.config.model import AdapterSpec
 from tuneforge.errors import ModelError, first_line
-from tuneforge.limits import MAX_COUNT
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class AdapterSpec(BaseModel):
-    """Recipe section `adapter`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["none", "lora", "dora", "ia3", "prompt", "prefix"] = Field(
-        "none", description="lora, dora (LoRA with a learned magnitude per output), ia3 (learned scaling vectors), "
-                            "prompt (learned vectors inserted after the first token), prefix (learned keys and values "
-                            "in every attention layer)")
-    rank: int = Field(8, gt=0, le=MAX_COUNT, description="LoRA/DoRA: rank of the update")
-    alpha: float = Field(16.0, gt=0, description="LoRA/DoRA: the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA/DoRA: dropout on the adapter's input")
-    target_modules: Literal["all-linear"] | list[str] | None = Field(
-        None, description="module names (or suffixes) that get an adapter, or all-linear; default: peft's choice "
-                          "for the architecture (BERT: query and value)")
-    feedforward_modules: list[str] | None = Field(
-        None, description="IA3: which of target_modules are feed-forward layers (scaled on their input)")
-    virtual_tokens: int = Field(20, gt=0, le=MAX_COUNT, description="prompt: how many vectors are inserted; prefix: how many keys "
-                                                      "and values each attention layer gets")
-    save_merged: bool = Field(False, description="also write RUN/model-merged/: the adapter merged into full weights")
-
-    @model_validator(mode="after")
-    def _fields(self) -> AdapterSpec:
-        if self.method == "ia3" and self.target_modules is not None and self.feedforward_modules is None:
-            raise ValueError("method ia3 with target_modules needs feedforward_modules (those of target_modules that "
-                             "are feed-forward layers, e.g. [output.dense])")
-        if self.save_merged and not self.mergeable:
-            raise ValueError(f"save_merged needs an adapter that merges into the weights (method lora, dora or ia3); "
-                             f"{self.method} adds vectors the original architecture has no place for")
-        if self.method in ("prompt", "prefix"):
-            given = [name for name in ("target_modules", "feedforward_modules") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} applies to lora, dora and ia3; method {self.method} places its "
-                                 "vectors itself (remove the key)")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
-    @property
-    def mergeable(self) -> bool:
-        """Whether the adapter folds into the original weights (a plain transformers model)."""
-        return self.method in ("lora", "dora", "ia3")
 
 
 def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
@@ -88,9 +42,9 @@ def attach_adapter(loaded, spec: AdapterSpec) -> None:
     """Attach the adapter to `loaded.model` (in place); raises ModelError when it does not fit the model."""
     from peft import inject_adapter_in_model
 
-    from tuneforge.groups import layer_groups
-    from tuneforge.models import example_inputs
-    from tuneforge.prompts import attach_prefix, attach_prompt
+    from tuneforge.models.groups import layer_groups
+    from tuneforge.models.loading import example_inputs
+    from tuneforge.models.prompts import attach_prefix, attach_prompt
 
     model = loaded.model
     if spec.method in ("prompt", "prefix"):
@@ -114,7 +68,7 @@ def adapter_parameters(model: nn.Module) -> set[str]:
     vectors), not the layers they adapt."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tuneforge.prompts import virtual_token_parameters
+    from tuneforge.models.prompts import virtual_token_parameters
 
     names = virtual_token_parameters(model)
     for path, module in model.named_modules():

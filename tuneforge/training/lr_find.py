@@ -24,11 +24,11 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.callbacks import write_json_atomic
+from tuneforge.training.hooks import write_json_atomic
 from tuneforge.errors import RecipeError
-from tuneforge.loop import Progress, backward_window
-from tuneforge.recipe import Recipe, load_recipe
-from tuneforge.run import assemble, make_accelerator
+from tuneforge.training.loop import Progress, backward_window
+from tuneforge.config import Recipe, load_recipe
+from tuneforge.training.run import assemble, make_accelerator
 
 SMOOTHING = 0.98  # beta of the loss's exponential moving average
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss exceeds this many times the best one

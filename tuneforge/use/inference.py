@@ -13,9 +13,9 @@ from tuneforge.data.loaders import make_dataset, make_loader
 from tuneforge.data.preflight import check_split, check_targets, encode_targets, unknown_labels
 from tuneforge.data.sources import read_split
 from tuneforge.errors import DataError, ModelError, first_line, listing
-from tuneforge.loop import predict_logits
-from tuneforge.models import LoadedModel, load_model_folder
-from tuneforge.recipe import TEXT_TASKS
+from tuneforge.training.loop import predict_logits
+from tuneforge.models.loading import LoadedModel, load_model_folder
+from tuneforge.config import TEXT_TASKS
 
 
 def model_folder(run: str | Path) -> Path:
@@ -54,7 +54,7 @@ def _logits(predictor, split, targets: list):
 def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = None, factory=None) -> dict:
     """All of the task's metrics for a run's model on a labelled file or image folder (`factory`: see
     tuneforge.load)."""
-    from tuneforge.predictor import load
+    from tuneforge.use.predictor import load
 
     predictor = load(run, factory)
     info, spec, kind = predictor.info, predictor.data_spec, predictor.task.name
@@ -84,7 +84,7 @@ def _text_task_loader(predictor, data: str | Path):
     from types import SimpleNamespace
 
     from tuneforge.data.text_tasks import load_text_task_data, make_text_task_dataset
-    from tuneforge.recipe import TaskSpec
+    from tuneforge.config import TaskSpec
 
     info = predictor.info
     task_spec = TaskSpec(type=info["task"], **info["task_settings"])
@@ -141,7 +141,7 @@ def _text_task_inputs(predictor, inputs: str | Path) -> tuple[list, list[str]]:
 def _segmentation_problems(split, predictor) -> list[str]:
     """The masks checked against the model's label map, as training checked them."""
     from tuneforge.data.preflight import segmentation_data
-    from tuneforge.recipe import TaskSpec
+    from tuneforge.config import TaskSpec
 
     info = predictor.info
     spec = TaskSpec(type="segmentation", labels=info["label_values"], ignore_index=info["ignore_index"])
@@ -157,7 +157,7 @@ def predict_run(run: str | Path, inputs: str | Path, output: str | Path, draw: s
     """Write the task's prediction per input row (or image) to a .jsonl or .csv file. Segmentation also
     writes each predicted mask, at its image's size, as OUTPUT-masks/<image name>.png (class index per pixel);
     detection with `draw`, each image with its boxes drawn, into that folder."""
-    from tuneforge.predictor import load
+    from tuneforge.use.predictor import load
 
     predictor = load(run, factory)
     spec = predictor.data_spec
@@ -252,7 +252,7 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
     and with a recipe, what trains in each stage of its freezing plan."""
     from rich.console import Console
 
-    from tuneforge.groups import layer_groups, render_groups
+    from tuneforge.models.groups import layer_groups, render_groups
 
     console = Console()
     if recipe is not None:
@@ -277,8 +277,8 @@ def inspect_model(reference: str | None, weights: str | None = None, num_labels:
 
 
 def _reference_model(reference: str, weights: str | None, num_labels: int, factory=None) -> LoadedModel:
-    from tuneforge.models import load_model
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import ImageSpec, ModelSpec
 
     path = Path(reference)
     if (path / "tuneforge.json").is_file() or (path / "model" / "tuneforge.json").is_file():
@@ -292,13 +292,13 @@ def _reference_model(reference: str, weights: str | None, num_labels: int, facto
 
 def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict], list[str]]:
     """The recipe's model with the recipe's labels, and its freezing plan resolved against it."""
-    from tuneforge.adapters import adapter_scope, apply_adapter
+    from tuneforge.models.adapters import adapter_scope, apply_adapter
     from tuneforge.data.preflight import load_task_data
-    from tuneforge.freeze import build_plan, describe_plan
-    from tuneforge.groups import layer_groups
-    from tuneforge.models import load_model
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import training_length
+    from tuneforge.strategies.freeze import build_plan, describe_plan
+    from tuneforge.models.groups import layer_groups
+    from tuneforge.models.loading import load_model
+    from tuneforge.config import load_recipe
+    from tuneforge.training.run import training_length
 
     recipe = load_recipe(recipe_path, overrides)
     data = load_task_data(recipe.data, recipe.task)

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneforge.adapters import AdapterSpec, merged_copy
+from tuneforge.models.adapters import AdapterSpec, merged_copy
 from tuneforge.errors import ModelError, StorageError, TuneforgeError
-from tuneforge.callbacks import replace_folder
-from tuneforge.inference import model_folder, read_model_info
-from tuneforge.model_card import write_model_card
-from tuneforge.models import LoadedModel, example_inputs, load_model_folder, save_model_folder
+from tuneforge.training.hooks import replace_folder
+from tuneforge.use.inference import model_folder, read_model_info
+from tuneforge.use.model_card import write_model_card
+from tuneforge.models.loading import LoadedModel, example_inputs, load_model_folder, save_model_folder
 
 FORMATS = ("hf", "onnx", "torch-export")
 TOLERANCE = 1e-4  # max |exported - PyTorch| on the check inputs, in logits

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ModelError, TuneforgeError, first_line
-from tuneforge.weights import misfit, read_state_dict, safetensors_shapes, weights_fit
+from tuneforge.models.weights import misfit, read_state_dict, safetensors_shapes, weights_fit
 
 FACTORY_CONFIG_KEY = "tuneforge_factory"
 
@@ -560,7 +560,7 @@ def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
 
     from torch.utils.checkpoint import checkpoint
 
-    from tuneforge.groups import find_blocks
+    from tuneforge.models.groups import find_blocks
 
     model = loaded.model
     if loaded.factory is None and getattr(model, "supports_gradient_checkpointing", False):
@@ -612,7 +612,7 @@ def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str], trai
     """
     from safetensors.torch import save_file, save_model
 
-    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
+    from tuneforge.models.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 
     _quiet_transformers()
     folder.mkdir(parents=True, exist_ok=True)
@@ -645,8 +645,8 @@ def load_adapter_folder(folder: Path, labels: list[str], factory: str | Factory 
     pickle) are never taken from it, and a factory base needs the user's trusted `factory`."""
     from safetensors.torch import load_file
 
-    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterSpec, apply_adapter
-    from tuneforge.recipe import ImageSpec, ModelSpec
+    from tuneforge.models.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterSpec, apply_adapter
+    from tuneforge.config import ImageSpec, ModelSpec
 
     base = json.loads((folder / ADAPTER_CONFIG).read_text())
     spec = ModelSpec(**{**base["model"], "trust_remote_code": False, "allow_unsafe_pickle": False})
@@ -690,7 +690,7 @@ def _load_model_folder(folder: Path, factory: str | Factory | None) -> tuple[Loa
     from safetensors.torch import load_model as load_safetensors_into
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from tuneforge.adapters import ADAPTER_CONFIG, ADAPTER_FILE
+    from tuneforge.models.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 
     _quiet_transformers()
     config = json.loads((folder / "config.json").read_text())
@@ -751,7 +751,7 @@ def restore_saved_weights(model: nn.Module, folder: Path) -> None:
     """Put the weights of a model folder written by save_model_folder back into the same `model`."""
     from safetensors.torch import load_file, load_model as load_safetensors_into
 
-    from tuneforge.adapters import ADAPTER_FILE
+    from tuneforge.models.adapters import ADAPTER_FILE
 
     if (folder / ADAPTER_FILE).is_file():  # the rest is the pretrained base, which training did not change
         model.load_state_dict(load_file(str(folder / ADAPTER_FILE)), strict=False)

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from tuneforge.recipe import read_yaml
+from tuneforge.config import read_yaml
 
 SUMMARY_METRICS = {
     "classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss"),

@@ -299,7 +299,7 @@ def remove_hooks(handles: list):
 
 def choose_prefix(setting, plan, model: nn.Module, augmenting: bool, processes: int) -> tuple[FrozenPrefix | None, str]:
     """The prefix to cache under `train.cache_features` (auto / true / false), or None and why not."""
-    from tuneforge.groups import covering_modules
+    from tuneforge.models.groups import covering_modules
 
     if setting is False:
         return None, "train.cache_features is false"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ModelError, first_line
-from tuneforge.groups import common_path
+from tuneforge.models.groups import common_path
 
 PREFIX_ATTENTION = "tuneforge_prefix"
 PROMPT_MODULE = "tuneforge_prompt"

@@ -18,9 +18,9 @@ from PIL import Image
 from tuneforge.data.loaders import TextDataset
 from tuneforge.data.sources import Split
 from tuneforge.errors import DataError
-from tuneforge.inference import model_folder, read_model_info
-from tuneforge.models import Factory, load_model_folder
-from tuneforge.recipe import DataSpec
+from tuneforge.use.inference import model_folder, read_model_info
+from tuneforge.models.loading import Factory, load_model_folder
+from tuneforge.config import DataSpec
 from tuneforge.tasks import task_from_info
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from rich.console import Console
 
-from tuneforge.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
+from tuneforge.training.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
 from tuneforge.data.preflight import TaskData
 from tuneforge.errors import TrainingError, TuneforgeError
-from tuneforge.freeze import FreezePlan
-from tuneforge.models import LoadedModel, save_model_folder
-from tuneforge.recipe import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe, read_yaml
-from tuneforge.schedules import PlateauState, refresh_lr
+from tuneforge.strategies.freeze import FreezePlan
+from tuneforge.models.loading import LoadedModel, save_model_folder
+from tuneforge.config import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe, read_yaml
+from tuneforge.strategies.schedules import PlateauState, refresh_lr
 
 MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
 MERGED_DIR = "model-merged"  # with adapter.save_merged: the best model with its adapter folded into the weights
