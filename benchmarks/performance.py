@@ -46,7 +46,7 @@ from transformers import (AutoModelForImageClassification, AutoModelForSequenceC
                           AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from tuneforge.data.loaders import load_rgb  # noqa: E402
+from tuneforge.data.datasets import load_rgb  # noqa: E402
 from tuneforge.models.loading import resolve_model_path  # noqa: E402
 from tuneforge.config import default_data_dir  # noqa: E402
 from tuneforge.training.run import finetune  # noqa: E402

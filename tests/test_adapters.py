@@ -14,8 +14,8 @@ from tuneforge import finetune
 from tuneforge.models.adapters import ADAPTER_FILE
 from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoints
 from tuneforge.errors import ModelError, RecipeError
-from tuneforge.use.inference import evaluate_run
-from tuneforge.models.loading import load_model_folder
+from tuneforge.use.evaluate import evaluate_run
+from tuneforge.api import load_model_folder
 
 ADAPTERS = {
     "lora": {"method": "lora", "rank": 4, "alpha": 8},
@@ -146,7 +146,7 @@ def test_layerwise_learning_rates_reach_the_adapters_by_block(tiny_bert_dir, met
     from tuneforge.models.adapters import AdapterSpec, adapter_scope, apply_adapter
     from tuneforge.strategies.freeze import FreezeSpec, build_plan
     from tuneforge.models.groups import layer_groups
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.strategies.optim import build_optimizer
     from tuneforge.config import ImageSpec, ModelSpec, OptimSpec
 

@@ -16,8 +16,9 @@ from conftest import sentiment_rows, write_image_folder, write_tsv
 from PIL import Image
 
 from tuneforge import cli
-from tuneforge.data.preflight import TaskData, label_key, load_task_data
-from tuneforge.data.sources import read_split
+from tuneforge.api import load_task_data
+from tuneforge.data.common import TaskData, label_key
+from tuneforge.data.tables import read_split
 from tuneforge.errors import DataError
 from tuneforge.config import DataSpec, TaskSpec
 

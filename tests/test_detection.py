@@ -14,7 +14,7 @@ from PIL import Image
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError
-from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.tasks.detection import DetectionTask, box_iou
 
 
@@ -72,9 +72,7 @@ def _detector_config(family: str):
 def test_each_detector_family_gets_a_new_class_head_and_one_step_lowers_its_loss(family, tmp_path):
     from transformers import AutoModelForObjectDetection
 
-    from tuneforge.data.loaders import make_dataset
-    from tuneforge.data.preflight import load_task_data
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model, load_task_data
     from tuneforge.config import load_recipe
 
     torch.manual_seed(0)
@@ -83,9 +81,9 @@ def test_each_detector_family_gets_a_new_class_head_and_one_step_lowers_its_loss
                           "data": {"train": str(_write_csv_split(tmp_path / "train", 4, seed=1)), "image": {"size": 64}}})
     data = load_task_data(recipe.data, recipe.task)
     loaded = load_model(recipe.model, data.label_names, recipe.data.image, "detection")
-    dataset = make_dataset(data.splits["train"], data.targets("train"), loaded.preprocessor, 0, "detection", data.labels)
-    batch = dataset.collate([dataset[i] for i in range(4)])
     task = DetectionTask(data.label_names)
+    dataset = task.dataset(data.splits["train"], data.targets("train"), loaded.preprocessor)
+    batch = dataset.collate([dataset[i] for i in range(4)])
     loaded.model.eval()
     optimizer = torch.optim.SGD(loaded.model.parameters(), lr=0.01)
     before = task.compute_loss(loaded.model, batch["inputs"], batch["labels"])
@@ -118,10 +116,11 @@ def test_map_and_matched_iou_equal_hand_computed_values():
 
 
 def test_csv_voc_and_coco_read_the_same_boxes(tmp_path):
-    from tuneforge.data.sources import read_split
+    from tuneforge.tasks.detection import DetectionTask
     from tuneforge.config import DataSpec
 
     csv_path = _write_csv_split(tmp_path / "csv", 3, seed=1)
+    read_split = lambda name, where, spec: DetectionTask.read_split(name, where, spec, [])
     split_csv = read_split("train", str(csv_path), DataSpec(format="boxes-csv"))
     (tmp_path / "voc" / "annotations").mkdir(parents=True)
     coco = {"images": [], "annotations": [], "categories": [{"id": 7, "name": "red"}, {"id": 9, "name": "blue"}]}

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train to the same weights as one process with the same global batch."""
+"""Two CPU processes (torchrun, gloo) train to the same weights as one process with the same global batch;
+a command that started a process group ends it."""
 
 from __future__ import annotations
 
@@ -53,3 +54,39 @@ def test_two_processes_match_one(tiny_bert_no_dropout, text_data, tmp_path, free
     evaluation = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert evaluation["hardware"]["processes"] == 2
     assert evaluation["splits"]["test"]["num_examples"] == 32
+
+
+# In a fresh interpreter: which modules are imported before the group starts is what matters.
+ENDS_GROUP = """
+import os
+import torch
+import torch.distributed as dist
+from tuneforge import cli
+from tuneforge.errors import RecipeError
+
+def command(fail):
+    def handler(args):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # as a run does: imports torch.distributed.nn
+        if fail:
+            raise RecipeError(["bad recipe"])
+    return handler
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    return [name for name in names if "gloo" in name]
+
+for fail, code in ((False, 0), (True, 2)):
+    cli._inspect = command(fail)
+    assert cli.main(["inspect", "unused"]) == code
+    assert not dist.is_initialized()
+    assert gloo_threads() == [], gloo_threads()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
+def test_cli_ends_the_process_group_and_its_gloo_threads():
+    """A group left to interpreter exit keeps gloo's threads running while the process is torn down."""
+    done = subprocess.run([sys.executable, "-c", ENDS_GROUP], check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -13,7 +13,7 @@ from tuneforge import finetune
 from tuneforge.cli import main as cli
 from tuneforge.errors import StorageError
 from tuneforge.use.export import TOLERANCE, export_run
-from tuneforge.models.loading import load_model_folder
+from tuneforge.api import load_model_folder
 
 TEXTS = ["good movie", "bad", "the plot was dull but the actor was fine and the film was long", "great", "awful film"]
 

@@ -56,11 +56,11 @@ def test_text_cache_trains_the_same_weights_as_no_cache(tiny_bert_dir, text_data
 
 
 def test_image_cache_skips_decoding_and_trains_the_same_weights(tiny_vit_dir, image_data, tmp_path, monkeypatch):
-    from tuneforge.data import loaders
+    from tuneforge.data import datasets
 
     decoded = []
-    real_load = loaders.load_rgb
-    monkeypatch.setattr(loaders, "load_rgb", lambda path: decoded.append(path) or real_load(path))
+    real_load = datasets.load_rgb
+    monkeypatch.setattr(datasets, "load_rgb", lambda path: decoded.append(path) or real_load(path))
     runs = {}
     for setting in (True, False):
         decoded.clear()
@@ -134,7 +134,7 @@ def test_cache_is_reused_only_while_model_and_data_are_unchanged(tiny_bert_dir, 
     recipe.model.freeze.strategy = "head_only"
     t = assemble(recipe, make_accelerator(recipe), Console(quiet=True), tmp_path / "run", False)
     prefix: FrozenPrefix = t.prefix
-    model, dataset, folder = t.loaded.model, t.datasets["train"], tmp_path / "cache"
+    model, dataset, folder = t.loaded.model, t.loaders.datasets["train"], tmp_path / "cache"
     first = build_store(model, prefix, dataset, folder, 16, "cpu")
     stamp = (folder / "values.npy").stat().st_mtime_ns
     build_store(model, prefix, dataset, folder, 16, "cpu")
@@ -174,7 +174,7 @@ def test_no_cache_where_it_would_change_the_result(tiny_bert_dir, tiny_vit_dir, 
 def test_frozen_prefix_runs_in_eval_mode_with_and_without_cache(tiny_bert_dir):
     from tuneforge.strategies.freeze import FreezeSpec, build_plan
     from tuneforge.models.groups import layer_groups
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.config import ImageSpec, ModelSpec
 
     loaded = load_model(ModelSpec(name=str(tiny_bert_dir)), ["neg", "pos"], ImageSpec())
@@ -208,8 +208,8 @@ def test_cached_rows_sit_where_the_tokens_are_on_either_padding_side(tiny_bert_d
     import numpy as np
     from transformers import AutoTokenizer
 
-    from tuneforge.data.loaders import TextDataset
-    from tuneforge.data.sources import Split
+    from tuneforge.data.datasets import TextDataset
+    from tuneforge.data.common import Split
     from tuneforge.training.feature_cache import CACHE_KEY, CachedDataset, FeatureStore
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)

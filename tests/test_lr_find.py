@@ -11,7 +11,6 @@ import yaml
 from conftest import sentiment_rows, text_recipe, write_tsv
 
 import tuneforge.training.lr_find as lr_find_module
-import tuneforge.training.run
 from tuneforge.cli import main as cli
 from tuneforge.errors import RecipeError
 from tuneforge.training.loop import Progress
@@ -122,15 +121,17 @@ def test_stops_early_when_the_loss_diverges(tiny_bert_dir, data, tmp_path):
 
 
 def test_frozen_weights_stay_untouched(tiny_bert_dir, data, tmp_path, monkeypatch):
-    loaded_models = []
-    original = tuneforge.training.run.load_model
+    from tuneforge.tasks.classification import ClassificationTask
 
-    def keep(*args, **kwargs):
+    loaded_models = []
+    original = ClassificationTask.load_model
+
+    def keep(cls, *args, **kwargs):
         loaded = original(*args, **kwargs)
         loaded_models.append((loaded.model, {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}))
         return loaded
 
-    monkeypatch.setattr(tuneforge.training.run, "load_model", keep)
+    monkeypatch.setattr(ClassificationTask, "load_model", classmethod(keep))
     recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run")
     recipe["model"]["freeze"] = {"strategy": "head_only"}
     find_lr(recipe, output_dir=tmp_path / "out", start_lr=1e-4, end_lr=1e-1, steps=10)

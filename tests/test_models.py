@@ -12,7 +12,7 @@ from torch import nn
 
 from tuneforge.errors import ModelError
 from tuneforge.models.groups import layer_groups
-from tuneforge.models.loading import load_model
+from tuneforge.api import load_model
 from tuneforge.config import ImageSpec, ModelSpec
 from tuneforge.models.weights import read_state_dict
 

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _text_dataset(model_dir: Path, texts: list[str], max_length: int = 16):
-    from tuneforge.data.loaders import TextDataset
-    from tuneforge.data.sources import Split
+    from tuneforge.data.datasets import TextDataset
+    from tuneforge.data.common import Split
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -25,7 +25,7 @@ def _text_dataset(model_dir: Path, texts: list[str], max_length: int = 16):
 
 
 def test_dynamic_padding_gives_the_same_loss_as_full_padding(tiny_bert_no_dropout):
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.config import ImageSpec, ModelSpec
     from tuneforge.tasks.classification import ClassificationTask
 
@@ -63,7 +63,7 @@ def test_tokens_are_stored_once_as_compact_memory_mapped_arrays(tiny_bert_dir):
 
 
 def test_long_texts_are_tokenised_in_chunks_with_the_same_result(tiny_bert_dir, monkeypatch):
-    from tuneforge.data.loaders import TextDataset
+    from tuneforge.data.datasets import TextDataset
 
     texts = [text for text, _ in sentiment_rows(25)]
     whole, _ = _text_dataset(tiny_bert_dir, texts)
@@ -74,7 +74,8 @@ def test_long_texts_are_tokenised_in_chunks_with_the_same_result(tiny_bert_dir, 
 
 
 def test_image_loaders_get_workers_and_text_loaders_do_not(tiny_bert_dir, image_data, monkeypatch):
-    from tuneforge.data.loaders import ImageDataset, loader_workers
+    from tuneforge.data.datasets import ImageDataset
+    from tuneforge.data.loaders import loader_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     text, _ = _text_dataset(tiny_bert_dir, ["good movie"])

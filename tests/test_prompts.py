@@ -124,7 +124,7 @@ def test_gpt2_prefix_keeps_causality_and_prompt_is_refused():
 
 
 def test_a_model_outside_transformers_gets_a_clear_error():
-    from tuneforge.models.loading import FactoryClassifier
+    from tuneforge.models.factory import FactoryClassifier
 
     model = FactoryClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)))
     loaded = LoadedModel(model, _Processor(), "image", ["net.1"], LoadReport())

@@ -20,8 +20,8 @@ import pytest
 from conftest import requires_shared_data
 
 from tuneforge import finetune
-from tuneforge.data.text_tasks import load_text_task_data
-from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.api import load_task_data
+from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.config import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def test_xquad_qa_with_articles_held_out(tmp_path):
     print(json.dumps({k: metrics[k] for k in ("exact_match", "f1", "num_examples", "train_seconds")}))
 
     recipe = load_recipe("recipes/xquad-qa-minilm.yaml", overrides)
-    splits = load_text_task_data(recipe.data, recipe.task).splits
+    splits = load_task_data(recipe.data, recipe.task).splits
     titles = {name: {example.title for example in split.labels} for name, split in splits.items()}
     assert not titles["test"] & titles["train"] and not titles["test"] & titles["validation"]
     assert not titles["train"] & titles["validation"]

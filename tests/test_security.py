@@ -145,7 +145,7 @@ def test_a_factory_module_is_imported_from_the_python_path_as_it_is(tmp_path, mo
     (tmp_path / "my_nets.py").write_text("import torch\ndef net():\n    return torch.nn.Linear(2, 2)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    from tuneforge.models.loading import import_factory
+    from tuneforge.models.factory import import_factory
 
     with pytest.raises(ModelError, match="cannot import 'my_nets'"):
         import_factory("my_nets:net")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError
-from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.tasks.segmentation import SegmentationTask
 
 
@@ -82,7 +82,7 @@ def test_iou_dice_and_pixel_accuracy_equal_hand_computed_values():
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_segformer_dir):
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.config import ImageSpec, ModelSpec
 
     loaded = load_model(ModelSpec(name=str(tiny_segformer_dir)), ["0", "1", "2"], ImageSpec(size=32), "segmentation")
@@ -118,7 +118,7 @@ def test_a_run_learns_and_predicts_masks_at_each_images_size(tiny_segformer_dir,
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert count == 8 and Image.open(rows[0]["mask_file"]).size == (32, 32)
     info = json.loads((result.run_dir / "model" / "tuneforge.json").read_text())
-    assert info["task"] == "segmentation" and info["ignore_index"] == 255
+    assert info["task"] == "segmentation" and info["task_settings"]["ignore_index"] == 255
 
     from transformers import AutoModelForSemanticSegmentation
 

@@ -20,7 +20,7 @@ from conftest import write_image_folder
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError
-from tuneforge.use.inference import predict_run
+from tuneforge.use.evaluate import predict_run
 
 
 @pytest.fixture

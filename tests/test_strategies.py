@@ -13,7 +13,7 @@ from tuneforge.training.checkpoint import checkpoint_weights, complete_checkpoin
 from tuneforge.errors import RecipeError
 from tuneforge.strategies.freeze import FreezeSpec, build_plan
 from tuneforge.models.groups import layer_groups
-from tuneforge.models.loading import load_model
+from tuneforge.api import load_model
 from tuneforge.strategies.optim import L2SP, build_optimizer
 from tuneforge.config import ImageSpec, ModelSpec, OptimSpec
 from tuneforge.training.run import finetune
@@ -418,7 +418,7 @@ def test_feature_extraction_runs_the_backbone_as_a_fixed_extractor(tmp_path, ima
     weights, start = _weights(result.run_dir), torch.load(tmp_path / "w.th", weights_only=True)["state_dict"]
     assert torch.equal(weights["layer1.0.bn1.running_mean"], start["layer1.0.bn1.running_mean"])
     assert weights["linear.1.weight"].shape == (16, 64) and weights["linear.4.weight"].shape == (2, 16)
-    from tuneforge.models.loading import load_model_folder
+    from tuneforge.api import load_model_folder
 
     # the MLP head is rebuilt on reload, by the factory the user trusts
     reloaded, _ = load_model_folder(result.run_dir / "model", factory="examples.cifar_resnet:resnet20")

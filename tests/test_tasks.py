@@ -14,7 +14,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, text_recipe
 
 from tuneforge import finetune, load
 from tuneforge.errors import DataError, RecipeError
-from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.tasks.multilabel import MultiLabelTask
 from tuneforge.tasks.regression import RegressionTask
 
@@ -61,7 +61,7 @@ def test_threshold_tuning_picks_the_best_micro_f1():
 
 @pytest.mark.parametrize("kind", ["regression", "multilabel"])
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_bert_no_dropout, kind):
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.config import ImageSpec, ModelSpec
 
     torch.manual_seed(0)
@@ -122,8 +122,9 @@ def test_regression_run_predicts_in_the_data_units_and_exports_them(tiny_bert_di
     assert set(result.metrics["per_target"]) == {"k", "big"} and "baseline_r2" in result.metrics
     info = json.loads((result.run_dir / "model" / "tuneforge.json").read_text())
     train_k = [k for _, k in _scored_rows(96, 1)]
-    assert info["target_mean"][0] == pytest.approx(np.mean(train_k)) and info["target_std"][0] == pytest.approx(np.std(train_k))
-    assert info["target_std"][1] == pytest.approx(10 * np.std(train_k))  # each target scaled by its own spread
+    state = info["task_state"]  # what training decided: the target scaling
+    assert state["target_mean"][0] == pytest.approx(np.mean(train_k)) and state["target_std"][0] == pytest.approx(np.std(train_k))
+    assert state["target_std"][1] == pytest.approx(10 * np.std(train_k))  # each target scaled by its own spread
 
     # evaluate gives the run's own test figures; predict and load give values in the data's units
     evaluated = evaluate_run(result.run_dir, regression_data["test"])
@@ -165,7 +166,7 @@ def test_multilabel_run_tunes_its_threshold_and_predicts_label_lists(tiny_bert_d
     info = json.loads((result.run_dir / "model" / "tuneforge.json").read_text())
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     tuned = next(r["value"] for r in records if r["type"] == "threshold")
-    assert info["threshold"] == tuned and result.metrics["threshold"] == tuned
+    assert info["task_state"]["threshold"] == tuned and result.metrics["threshold"] == tuned
     assert info["label_values"] == ["film", "neg", "pos"]
     assert {"f1_micro", "f1_macro", "exact_match", "auc_roc"} <= set(result.metrics)
     prediction = load(result.run_dir).predict("good movie")
@@ -250,7 +251,7 @@ def test_defaults_follow_the_task():
 
 
 def test_label_text_lines_are_read_like_sst5(tmp_path):
-    from tuneforge.data.sources import read_split
+    from tuneforge.data.tables import read_split
     from tuneforge.config import DataSpec
 
     path = tmp_path / "stsa.fine.train"
@@ -263,7 +264,7 @@ def test_label_text_lines_are_read_like_sst5(tmp_path):
 
 
 def test_multilabel_text_cells_are_split_at_the_separator(tmp_path):
-    from tuneforge.data.preflight import load_task_data
+    from tuneforge.api import load_task_data
     from tuneforge.config import DataSpec, TaskSpec
 
     train = tmp_path / "train.tsv"

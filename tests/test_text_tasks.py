@@ -163,14 +163,14 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def load(folder: Path, task: str, **model):
-    from tuneforge.models.loading import load_model
+    from tuneforge.api import load_model
     from tuneforge.config import ImageSpec, ModelSpec
 
     return load_model(ModelSpec(name=str(folder), **model), [], ImageSpec(), task)
 
 
 def memory_split(name: str = "train", **fields):
-    from tuneforge.data.sources import Split
+    from tuneforge.data.common import Split
 
     labels = fields.pop("labels")
     return Split(name, "memory", labels, [f"row {i + 1}" for i in range(len(labels))], **fields)
@@ -256,29 +256,29 @@ def qa_run(tiny_bert_dir, squad_file, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["t5", "bart", "marian"])
 def test_seq2seq_steps_lower_the_loss_and_generate_text(tiny_generators, arch):
-    from tuneforge.data.text_tasks import Seq2SeqDataset
-    from tuneforge.tasks import GenerationTask
+    from tuneforge.data.text_datasets import Seq2SeqDataset
+    from tuneforge.tasks.generation import Seq2SeqTask
 
     loaded = load(tiny_generators[arch], "seq2seq", max_length=16)
     rows = reversal_rows(8, seed=4)
     dataset = Seq2SeqDataset(memory_split(texts=[r["text"] for r in rows], labels=[r["target"] for r in rows]),
                              loaded.preprocessor, 16, 16)
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
-    task = GenerationTask("seq2seq", loaded.preprocessor, num_beams=2, max_new_tokens=4, max_length=16)
+    task = Seq2SeqTask(loaded.preprocessor, num_beams=2, max_new_tokens=4, max_length=16)
     before, after = fit_batch(loaded.model, task, batch)
     assert after < 0.7 * before, (before, after)
 
     loaded.model.eval()
     with torch.no_grad():
         texts = task.generate(loaded.model, batch["inputs"])
-        items = task.predict_items(loaded, ["good movie", "the plot was bad"])
+        items = task.predict(loaded, ["good movie", "the plot was bad"])
     assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
     assert [set(item) for item in items] == [{"text"}] * 2 and all(isinstance(i["text"], str) for i in items)
 
 
 def test_causal_lm_steps_lower_the_loss_and_continue_a_prompt(tiny_generators):
-    from tuneforge.data.text_tasks import CausalLMDataset
-    from tuneforge.tasks import CausalLMTask
+    from tuneforge.data.text_datasets import CausalLMDataset
+    from tuneforge.tasks.causal_lm import CausalLMTask
 
     loaded = load(tiny_generators["gpt2-nopad"], "causal_lm")  # as GPT-2: no pad token; padding is masked anyway
     tokenizer = loaded.preprocessor
@@ -291,25 +291,25 @@ def test_causal_lm_steps_lower_the_loss_and_continue_a_prompt(tiny_generators):
     assert after < 0.7 * before, (before, after)
     loaded.model.eval()
     long_prompt = "the movie was very good but the plot was bad"
-    items = task.predict_items(loaded, ["the movie", "a very good", long_prompt])
+    items = task.predict(loaded, ["the movie", "a very good", long_prompt])
     assert len(items) == 3 and all(isinstance(item["text"], str) for item in items)
     assert (tokenizer.pad_token, tokenizer.padding_side, tokenizer.truncation_side) == (None, "right", "right")
     # A prompt longer than max_length keeps its end, which the continuation follows.
-    assert items[2] == task.predict_items(loaded, ["but the plot was bad"])[0] == task.predict_items(loaded, ["the plot was bad"])[0]
+    assert items[2] == task.predict(loaded, ["but the plot was bad"])[0] == task.predict(loaded, ["the plot was bad"])[0]
     with pytest.raises(DataError, match="input 1 has no tokens"):
-        task.predict_items(loaded, ["good", ""])
+        task.predict(loaded, ["good", ""])
 
 
 def test_captioning_steps_lower_the_loss_and_caption_images(tiny_vit_dir, tiny_generators, caption_table):
-    from tuneforge.data.text_tasks import CaptionDataset
-    from tuneforge.tasks import GenerationTask
+    from tuneforge.data.text_datasets import CaptionDataset
+    from tuneforge.tasks.generation import CaptioningTask
 
     loaded = load(tiny_vit_dir, "captioning", decoder=str(tiny_generators["gpt2"]))
     lines = [json.loads(line) for line in caption_table.read_text().splitlines()][:8]
     split = memory_split(image_paths=[caption_table.parent / r["image"] for r in lines], labels=[r["caption"] for r in lines])
     dataset = CaptionDataset(split, loaded.preprocessor, 16)
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
-    task = GenerationTask("captioning", loaded.preprocessor.tokenizer, num_beams=2, max_new_tokens=4)
+    task = CaptioningTask(loaded.preprocessor.tokenizer, num_beams=2, max_new_tokens=4)
     before, after = fit_batch(loaded.model, task, batch)
     assert after < 0.7 * before, (before, after)
 
@@ -318,7 +318,7 @@ def test_captioning_steps_lower_the_loss_and_caption_images(tiny_vit_dir, tiny_g
     loaded.model.eval()
     with torch.no_grad():
         texts = task.generate(loaded.model, batch["inputs"])
-        items = task.predict_items(loaded, [Image.open(split.image_paths[0]).convert("RGB")])
+        items = task.predict(loaded, [Image.open(split.image_paths[0]).convert("RGB")])
     assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
     assert len(items) == 1 and isinstance(items[0]["text"], str)
     assert all(target[-1] == EOS for target in dataset.targets)  # captions end, so generation learns to stop
@@ -326,8 +326,8 @@ def test_captioning_steps_lower_the_loss_and_caption_images(tiny_vit_dir, tiny_g
 
 def test_qa_steps_lower_the_loss_and_answer_from_the_context(tiny_bert_dir):
     from tuneforge.data.qa import QAExample
-    from tuneforge.data.text_tasks import QADataset
-    from tuneforge.tasks import QATask
+    from tuneforge.data.text_datasets import QADataset
+    from tuneforge.tasks.qa import QATask
 
     loaded = load(tiny_bert_dir, "qa", max_length=48)
     examples = [QAExample(qa["id"], article["title"], paragraph["context"], qa["question"],
@@ -339,7 +339,7 @@ def test_qa_steps_lower_the_loss_and_answer_from_the_context(tiny_bert_dir):
     before, after = fit_batch(loaded.model, task, batch)
     assert after < 0.7 * before, (before, after)
     loaded.model.eval()
-    [answer] = task.predict_items(loaded, [{"question": examples[0].question, "context": examples[0].context}])
+    [answer] = task.predict(loaded, [{"question": examples[0].question, "context": examples[0].context}])
     assert examples[0].context[answer["start"]:answer["end"]] == answer["answer"] != ""
 
 
@@ -403,7 +403,7 @@ def test_run_metrics_hold_each_tasks_scores(seq2seq_run, causal_lm_run, captioni
 # ---------------------------------------------------------------- 3. label padding is masked
 
 def seq2seq_batch_parts(folder: Path):
-    from tuneforge.data.text_tasks import Seq2SeqDataset
+    from tuneforge.data.text_datasets import Seq2SeqDataset
 
     loaded = load(folder, "seq2seq", max_length=16)
     sources = ["good movie", "the plot was not very good but the actor was great and the film was fine"]
@@ -413,7 +413,7 @@ def seq2seq_batch_parts(folder: Path):
 
 
 def test_seq2seq_labels_are_ignore_exactly_at_padding(tiny_generators):
-    from tuneforge.data.text_tasks import IGNORE
+    from tuneforge.data.tokens import IGNORE
 
     loaded, dataset = seq2seq_batch_parts(tiny_generators["t5"])
     batch = dataset.collate([dataset[0], dataset[1]])
@@ -430,7 +430,7 @@ def test_seq2seq_labels_are_ignore_exactly_at_padding(tiny_generators):
 
 @pytest.mark.parametrize("arch", ["t5", "bart", "marian"])
 def test_a_longer_example_in_the_batch_does_not_change_another_examples_loss(tiny_generators, arch):
-    from tuneforge.data.text_tasks import IGNORE
+    from tuneforge.data.tokens import IGNORE
 
     loaded, dataset = seq2seq_batch_parts(tiny_generators[arch])
     model = loaded.model.eval()
@@ -462,16 +462,18 @@ def test_a_longer_example_in_the_batch_does_not_change_another_examples_loss(tin
 # ---------------------------------------------------------------- 4. causal LM: prompts, packing, perplexity
 
 def test_instruction_format_learns_only_the_response(tiny_generators, tmp_path):
-    from tuneforge.data.text_tasks import IGNORE, load_text_task_data, make_text_task_dataset
+    from tuneforge.api import load_task_data
+    from tuneforge.data.tokens import IGNORE
+    from tuneforge.tasks.causal_lm import CausalLMTask
     from tuneforge.config import load_recipe
 
     rows = [{"prompt": "is the movie good", "response": "very good"}, {"prompt": "the plot", "response": "was bad but fine"}]
     spec = load_recipe(recipe({"name": str(tiny_generators["gpt2"])},
                               {"train": str(write_jsonl(tmp_path / "chat.jsonl", rows)), "prompt_column": "prompt",
                                "response_column": "response"}, {"type": "causal_lm", "packing": False}))
-    data = load_text_task_data(spec.data, spec.task)
+    data = load_task_data(spec.data, spec.task)
     tokenizer = word_tokenizer(eos_after=False)
-    dataset = make_text_task_dataset(data.splits["train"], "causal_lm", tokenizer, spec)
+    dataset = CausalLMTask.for_run(spec, data, tokenizer).dataset(data.splits["train"], [], tokenizer)
     for index, row in enumerate(rows):
         prompt = tokenizer(row["prompt"])["input_ids"]
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [EOS]
@@ -483,7 +485,8 @@ def test_instruction_format_learns_only_the_response(tiny_generators, tmp_path):
 
 
 def test_packing_makes_full_blocks_without_padding():
-    from tuneforge.data.text_tasks import IGNORE, CausalLMDataset
+    from tuneforge.data.text_datasets import CausalLMDataset
+    from tuneforge.data.tokens import IGNORE
 
     tokenizer = word_tokenizer(eos_after=False)
     texts = sentences(20, 6, 1, 7)
@@ -505,8 +508,9 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_generators, packing):
     from accelerate.state import AcceleratorState
     from torch.utils.data import DataLoader
 
-    from tuneforge.data.text_tasks import IGNORE, CausalLMDataset
-    from tuneforge.tasks import CausalLMTask
+    from tuneforge.data.text_datasets import CausalLMDataset
+    from tuneforge.data.tokens import IGNORE
+    from tuneforge.tasks.causal_lm import CausalLMTask
 
     loaded = load(tiny_generators["gpt2"], "causal_lm")
     texts = sentences(7, 7, 1, 9)  # different lengths: padded batches of 3, 3 and 1
@@ -532,8 +536,9 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_generators, packing):
 # ---------------------------------------------------------------- 5. captioning: whole images, every caption a reference
 
 def test_validation_fraction_keeps_each_image_on_one_side_with_all_its_captions(caption_table, tiny_vit_dir, tiny_generators):
-    from tuneforge.data.text_tasks import CaptionDataset, load_text_task_data
-    from tuneforge.models.loading import CaptionProcessor
+    from tuneforge.api import load_task_data
+    from tuneforge.data.text_datasets import CaptionDataset
+    from tuneforge.models.text import CaptionProcessor
     from tuneforge.config import load_recipe
 
     captions: dict[Path, list[str]] = {}
@@ -544,7 +549,7 @@ def test_validation_fraction_keeps_each_image_on_one_side_with_all_its_captions(
         spec = load_recipe(recipe({"name": str(tiny_vit_dir), "decoder": str(tiny_generators["gpt2"])},
                                   {"train": str(caption_table), "validation_fraction": 0.3, "split_seed": seed},
                                   {"type": "captioning"}))
-        splits = load_text_task_data(spec.data, spec.task).splits
+        splits = load_task_data(spec.data, spec.task).splits
         train, validation = set(splits["train"].image_paths), set(splits["validation"].image_paths)
         assert train and validation and not train & validation
         assert train | validation == set(captions)
@@ -565,14 +570,14 @@ def test_captioning_scores_each_image_once_against_all_its_captions(captioning_r
 # ---------------------------------------------------------------- 6. question answering
 
 def test_qa_test_fraction_holds_out_whole_articles(squad_file, tiny_bert_dir):
-    from tuneforge.data.text_tasks import load_text_task_data
+    from tuneforge.api import load_task_data
     from tuneforge.config import load_recipe
 
     for seed in range(4):
         spec = load_recipe(recipe({"name": str(tiny_bert_dir)}, {"train": str(squad_file), "test_fraction": 0.3,
                                                                  "validation_fraction": 0.2, "split_seed": seed},
                                   {"type": "qa"}))
-        splits = load_text_task_data(spec.data, spec.task).splits
+        splits = load_task_data(spec.data, spec.task).splits
         titles = {name: {e.title for e in split.labels} for name, split in splits.items()}
         assert all(titles.values())
         assert not titles["train"] & titles["test"] and not titles["train"] & titles["validation"]
@@ -641,8 +646,8 @@ def test_layerwise_decay_gives_encoder_blocks_smaller_lrs_than_decoder_blocks(ti
                                       optim={"lr_strategy": "layerwise_decay", "layer_decay": 0.5}))
     t = assemble(spec, make_accelerator(spec), QUIET, tmp_path / "never", False)
     assert not (tmp_path / "never").exists()
-    lrs = {group["name"].split("/")[0]: group["initial_lr"] for group in t.optimizer.param_groups}
-    where = {g.name: g.modules[0].split(".")[0] for g in t.groups if g.name.startswith("block.")}
+    lrs = {group["name"].split("/")[0]: group["initial_lr"] for group in t.optimization.optimizer.param_groups}
+    where = {g.name: g.modules[0].split(".")[0] for g in t.optimization.groups if g.name.startswith("block.")}
     encoder = [lrs[name] for name, stack in where.items() if stack == "encoder"]
     decoder = [lrs[name] for name, stack in where.items() if stack == "decoder"]
     assert len(encoder) == len(decoder) == 2
@@ -697,15 +702,15 @@ def test_parallel_files_with_different_line_counts_are_reported(tiny_generators,
 
 
 def test_parallel_files_are_read_line_by_line_gzipped_or_not(tiny_generators, tmp_path):
-    from tuneforge.data.text_tasks import load_text_task_data
+    from tuneforge.api import load_task_data
     from tuneforge.config import load_recipe
 
     spec = load_recipe(parallel_recipe(tiny_generators["t5"], tmp_path, "good movie\n\nthe plot\n",
                                        "movie good\nfilm bad\nplot the\n"))
     with pytest.raises(DataError, match=r"1 empty or missing value\(s\) in column 'source' at pairs.en:2"):
-        load_text_task_data(spec.data, spec.task)
+        load_task_data(spec.data, spec.task)
     (tmp_path / "pairs.en").write_text("good movie\nbad film\nthe plot\n")
-    split = load_text_task_data(spec.data, spec.task).splits["train"]
+    split = load_task_data(spec.data, spec.task).splits["train"]
     assert split.texts == ["good movie", "bad film", "the plot"]
     assert split.labels == ["movie good", "film bad", "plot the"]
 
@@ -778,7 +783,7 @@ def test_hf_export_generates_what_predict_says(seq2seq_run, tmp_path):
 
 def test_the_source_prefix_is_put_before_sources_in_training_and_prediction(seq2seq_run):
     import tuneforge
-    from tuneforge.data.text_tasks import Seq2SeqDataset
+    from tuneforge.data.text_datasets import Seq2SeqDataset
 
     predictor = tuneforge.load(seq2seq_run.run_dir)
     tokenizer, seen = predictor.task.tokenizer, []
@@ -810,7 +815,7 @@ def test_onnx_and_torch_export_of_a_generator_are_refused(seq2seq_run, tmp_path,
 # ---------------------------------------------------------------- evaluate, predict and serve from the command line
 
 def test_evaluate_on_a_file_repeats_the_runs_own_figures(seq2seq_run, seq2seq_files, qa_run, tmp_path):
-    from tuneforge.use.inference import evaluate_run
+    from tuneforge.use.evaluate import evaluate_run
 
     again = evaluate_run(seq2seq_run.run_dir, seq2seq_files["validation"], tmp_path / "eval.json")
     saved = seq2seq_run.metrics["splits"]["validation"]
@@ -818,11 +823,11 @@ def test_evaluate_on_a_file_repeats_the_runs_own_figures(seq2seq_run, seq2seq_fi
         assert again[key] == pytest.approx(saved[key], abs=1e-5), key
     assert json.loads((tmp_path / "eval.json").read_text())["bleu"] == again["bleu"]
     # QA: a SQuAD file of the run's own test questions gives the run's test figures.
-    from tuneforge.data.text_tasks import load_text_task_data
+    from tuneforge.api import load_task_data
     from tuneforge.config import load_recipe
 
     spec = load_recipe(qa_run.run_dir / "recipe.yaml")
-    test = load_text_task_data(spec.data, spec.task).splits["test"].labels
+    test = load_task_data(spec.data, spec.task).splits["test"].labels
     document = {"data": [{"title": e.title, "paragraphs": [{"context": e.context, "qas": [
         {"id": e.id, "question": e.question, "answers": [{"text": t, "answer_start": a} for t, a in e.answers]}]}]}
         for e in test]}
@@ -837,7 +842,7 @@ def test_predict_writes_one_row_per_input_for_each_task(seq2seq_run, causal_lm_r
     import csv
 
     import tuneforge
-    from tuneforge.use.inference import predict_run
+    from tuneforge.use.evaluate import predict_run
 
     (tmp_path / "sources.txt").write_text("good movie\n\nthe plot was bad\n")  # blank lines are skipped
     assert predict_run(seq2seq_run.run_dir, tmp_path / "sources.txt", tmp_path / "s.csv") == 2

@@ -11,7 +11,7 @@ from conftest import text_recipe
 
 from tuneforge import finetune
 from tuneforge.cli import main as cli
-from tuneforge.use.inference import evaluate_run, predict_run
+from tuneforge.use.evaluate import evaluate_run, predict_run
 
 
 @pytest.fixture(scope="module")

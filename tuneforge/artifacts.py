@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tuneforge.config import read_yaml
 from tuneforge.errors import ModelError, TuneforgeError, first_line
+from tuneforge.tasks.registry import DEFAULT_TASK
 
 MODEL_DIR, CHECKPOINT_DIR, MERGED_DIR, FEATURE_CACHE_DIR = "model", "checkpoints", "model-merged", "feature_cache"
 RECIPE_FILE, METRICS_FILE, EVAL_FILE, INFO_FILE = "recipe.yaml", "metrics.jsonl", "eval.json", "tuneforge.json"
@@ -76,7 +77,7 @@ GENERIC_V1_KEYS = {"task", "modality", "label_values", "label_names", "max_lengt
 
 def _from_version_1(raw: dict) -> dict:
     """Folders written before the format was versioned kept the task's state at the top level."""
-    task = raw.get("task", "classification")
+    task = raw.get("task", DEFAULT_TASK)
     state = {key: value for key, value in raw.items() if key not in GENERIC_V1_KEYS}
     return {"format_version": INFO_VERSION, "task": task, "modality": raw.get("modality"),
             "label_values": raw.get("label_values") or [], "label_names": raw.get("label_names") or [],

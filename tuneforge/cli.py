@@ -6,43 +6,47 @@ Exit codes: 0 success, 2 a problem with the user's input (recipe, data, model, r
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
+import torch.distributed
+
+if torch.distributed.is_available():
+    # Imported before a command can start a process group: DDP imports it later (through torch._dynamo), and
+    # its functions then keep the group as default arguments for good, so destroying the group would leave
+    # gloo's threads running. Imported now, they keep None.
+    import torch.distributed.nn  # noqa: F401
+
 from tuneforge.errors import RecipeError, TuneforgeError
+from tuneforge.training.lr_find import find_lr
+from tuneforge.training.run import finetune
+from tuneforge.use.evaluate import evaluate_run, predict_run
+from tuneforge.use.export import export_run
+from tuneforge.use.inspect import inspect_model
+from tuneforge.use.serve import ServeSettings, serve
 
 
 def _train(args) -> None:
-    from tuneforge.training.run import finetune
-
     finetune(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
 
 
 def _lr_find(args) -> None:
-    from tuneforge.training.lr_find import find_lr
-
     find_lr(args.recipe, args.overrides, output_dir=args.output_dir, start_lr=args.start_lr, end_lr=args.end_lr,
             steps=args.steps)
 
 
 def _evaluate(args) -> None:
-    import json
-
-    from tuneforge.use.inference import evaluate_run
-
     metrics = evaluate_run(args.run, args.data, output=args.output, factory=args.trust_factory)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion_matrix", "per_class")}, indent=2))
 
 
 def _predict(args) -> None:
-    from tuneforge.use.inference import predict_run
-
     count = predict_run(args.run, args.input, args.output, args.draw, factory=args.trust_factory)
     print(f"wrote {count} predictions to {args.output}")
 
 
 def _inspect(args) -> None:
-    from tuneforge.use.inference import inspect_model
-
     if args.recipe is not None and args.model is not None and "=" in args.model:  # an override, not a model
         args.overrides, args.model = [args.model, *args.overrides], None
     if args.model is None and args.recipe is None:
@@ -52,18 +56,12 @@ def _inspect(args) -> None:
 
 
 def _export(args) -> None:
-    from tuneforge.use.export import export_run
-
     result = export_run(args.run, args.format, args.output, overwrite=args.overwrite, factory=args.trust_factory)
     check = "" if result.max_abs_diff is None else f"; max |logit difference| vs PyTorch {result.max_abs_diff:.2e}"
     print(f"exported {args.format} to {result.folder} (model card: {result.folder / 'README.md'}){check}")
 
 
 def _serve(args) -> None:
-    import os
-
-    from tuneforge.use.serve import ServeSettings, serve
-
     token = None
     if args.token_env:
         token = os.environ.get(args.token_env)
@@ -125,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     export.set_defaults(handler=_export)
 
-    from tuneforge.use.serve import ServeSettings  # plain settings: importing them loads no model code
-
     defaults = ServeSettings()
     serve = commands.add_parser("serve", help="serve a model over HTTP (POST /predict, /health, /ready, /metadata)")
     serve.add_argument("run", help="run directory, its model/ folder, or an hf export")
@@ -168,13 +164,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def end_process_group(finished: bool) -> None:
+    """Destroy the torch.distributed process group a multi-process command (torchrun) started, if any.
+
+    Left to interpreter exit, the group is never freed: gloo's connection loop and worker threads
+    are still running while the process tears itself down, the teardown in which a worker was seen
+    to die with SIGABRT ("terminate called without an active exception"). After a finished
+    command the processes first wait for each other, so none closes its connections while another
+    still uses them; after an error they do not, as the others may never reach that barrier.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    finished = False
     try:
         args.handler(args)
+        finished = True
     except TuneforgeError as error:
         print(f"error: {error.render()}", file=sys.stderr)
         return 2
+    finally:
+        end_process_group(finished)
     return 0
 
 

@@ -4,13 +4,11 @@ from tuneforge.config.base import Section
 from tuneforge.config.data import AugmentSpec, ColorJitterSpec, DataSpec
 from tuneforge.config.loading import apply_overrides, default_data_dir, load_recipe, parse_recipe, read_yaml
 from tuneforge.config.model import SELECTORS_HELP, AdapterSpec, FreezeSpec, ImageSpec, ModelSpec, StageSpec
-from tuneforge.config.recipe import (DEFAULT_METRIC, GENERATIVE_TASKS, LOWER_IS_BETTER, TASK_METRICS, TEXT_TASK_SETTINGS,
-                                     TEXT_TASKS, Recipe, TaskSpec)
+from tuneforge.config.recipe import TASK_DATA_KEYS, Recipe, TaskSpec
 from tuneforge.config.training import (EarlyStoppingSpec, EvalSpec, OptimSpec, OutputSpec, ScheduleName, ScheduleSpec,
                                        TrainSpec)
 
-__all__ = ["DEFAULT_METRIC", "GENERATIVE_TASKS", "LOWER_IS_BETTER", "SELECTORS_HELP", "TASK_METRICS", "TEXT_TASKS",
-           "TEXT_TASK_SETTINGS", "AdapterSpec", "AugmentSpec", "ColorJitterSpec", "DataSpec", "EarlyStoppingSpec",
+__all__ = ["SELECTORS_HELP", "TASK_DATA_KEYS", "AdapterSpec", "AugmentSpec", "ColorJitterSpec", "DataSpec", "EarlyStoppingSpec",
            "EvalSpec", "FreezeSpec", "ImageSpec", "ModelSpec", "OptimSpec", "OutputSpec", "Recipe", "ScheduleName",
            "ScheduleSpec", "Section", "StageSpec", "TaskSpec", "TrainSpec", "apply_overrides", "default_data_dir",
            "load_recipe", "parse_recipe", "read_yaml"]

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.recipe import Recipe
 from tuneforge.errors import RecipeError
+from tuneforge.tasks.registry import DEFAULT_TASK, find_task, get_task, task_names
 
 _ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -162,8 +163,10 @@ def _key_path(loc: tuple) -> tuple:
         part in tags or "[" in part or part.startswith(("function-", "constrained-")))))
 
 
-def _describe(error: dict, recipe_fields: type[BaseModel]) -> str:
+def _describe(error: dict, recipe_fields: type[BaseModel], task_type) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "(recipe)"
+    if error["type"] == "extra_forbidden" and error["loc"][:1] == ("task",) and isinstance(task_type, str):
+        return _foreign_task_key(path, str(error["loc"][-1]), task_type)
     if error["type"] == "extra_forbidden":
         parent = _model_at(recipe_fields, error["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the docs"
@@ -174,6 +177,16 @@ def _describe(error: dict, recipe_fields: type[BaseModel]) -> str:
     if error["loc"]:
         return f"{path}: {message} (got {error.get('input')!r})"
     return f"{message}"
+
+
+def _foreign_task_key(path: str, key: str, kind: str) -> str:
+    """A task setting the recipe's task does not have: whose it is, or which ones this task has."""
+    owners = [name for name in task_names() if key in get_task(name).Spec.model_fields]
+    if owners:
+        return f"{path}: {key} applies to task.type {', '.join(owners)}, not {kind}"
+    task = find_task(kind)
+    allowed = ", ".join(task.Spec.model_fields) if task else "see the docs"
+    return f"{path}: unknown key (allowed here: {allowed})"
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -202,7 +215,8 @@ def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
             if item["type"] == "value_error" and item["loc"]:
                 text = f"{'.'.join(map(str, item['loc']))}: {item['msg'].removeprefix('Value error, ')}"
             else:
-                text = _describe(item, Recipe)
+                task = expanded.get("task")
+                text = _describe(item, Recipe, task.get("type", DEFAULT_TASK) if isinstance(task, dict) else None)
             merged.setdefault(item["loc"], [])
             if text not in merged[item["loc"]]:
                 merged[item["loc"]].append(text)

@@ -138,17 +138,12 @@ class EarlyStoppingSpec(Section):
 class EvalSpec(Section):
     every_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="default: evaluate at every epoch end")
     early_stopping: EarlyStoppingSpec | None = None
-    metric: Literal["accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
-                    "recall_macro", "recall_weighted", "auc_roc", "mse", "rmse", "mae", "r2", "f1_micro",
-                    "precision_micro", "recall_micro", "exact_match", "mean_iou", "mean_dice", "pixel_accuracy",
-                    "map", "map_50", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "f1",
-                    "perplexity"] | None = Field(
-        None, description="validation metric that picks the best model (and drives early stopping); default: "
-                          "accuracy (classification), rmse (regression), f1_micro (multilabel), mean_iou "
-                          "(segmentation), map_50 (detection), bleu (seq2seq, captioning), f1 (qa), perplexity "
-                          "(causal_lm)")
-    mode: Literal["max", "min"] | None = Field(None, description="default: min for loss, mse, rmse, mae and perplexity, "
-                                                                 "else max")
+    metric: str | None = Field(
+        None, description="validation metric that picks the best model (and drives early stopping); one the task "
+                          "computes, by default its first (accuracy for classification, rmse for regression, ...: "
+                          "docs/tasks.md lists them)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for a loss or an error (loss, rmse, "
+                                                                 "perplexity, ...), else max")
     target: float | None = Field(None, description="stop training once eval.metric reaches this value (good enough)")
     batch_size: int | None = Field(None, gt=0, le=MAX_BATCH, description="default: 2x train.batch_size")
 

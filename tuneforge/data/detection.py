@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from tuneforge.data.sources import Split
+from tuneforge.data.common import Split
+from tuneforge.data.datasets import load_rgb
 
 CSV_COLUMNS = ("filename", "class", "xmin", "ymin", "xmax", "ymax")  # width and height are read when present
 
@@ -142,8 +143,6 @@ class DetectionDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        from tuneforge.data.loaders import load_rgb
-
         image = load_rgb(self.paths[index])
         pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
         width, height = image.size

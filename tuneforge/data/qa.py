@@ -15,12 +15,13 @@ offending questions are (a few shown, then "and N more"), how many there are, an
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tuneforge.data.common import split_by_group
 
 SHOWN = 5  # how many offending questions a message lists before summarising
 MAX_QUESTION_TOKENS = 64  # longer questions are cut, so every window keeps room for context
@@ -187,28 +188,9 @@ def _misalignment(example: QAExample, text: str, start: int) -> str:
 
 def split_by_article(examples, fraction: float, seed: int, key=lambda example: example.title) -> tuple[list, list]:
     """(kept, held_out): whole articles (titles) go to held_out until it holds >= fraction of the examples.
-
     Questions about one article share its paragraphs, so splitting by question would let the model see a
-    held-out context in training. The articles are shuffled with `seed` after sorting, so the result depends
-    only on the examples and the seed, not on file order. Both parts keep the examples' original order.
-    `key` names another group instead (captioning: the image, whose captions must stay together)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be between 0 and 1 (exclusive), got {fraction}")
-    titles = sorted({key(e) for e in examples})
-    if len(titles) < 2:
-        raise ValueError(f"splitting by article needs at least two articles (titles); found {len(titles)}")
-    random.Random(seed).shuffle(titles)
-    sizes: dict[str, int] = defaultdict(int)
-    for example in examples:
-        sizes[key(example)] += 1
-    held: set[str] = set()
-    total = 0
-    for title in titles[:-1]:  # the last article always stays, so kept is never empty
-        if total >= fraction * len(examples):
-            break
-        held.add(title)
-        total += sizes[title]
-    return [e for e in examples if key(e) not in held], [e for e in examples if key(e) in held]
+    held-out context in training (common.split_by_group: the seeded order, both parts in file order)."""
+    return split_by_group(examples, fraction, seed, key, word="article")
 
 
 # ---------------------------------------------------------------- features

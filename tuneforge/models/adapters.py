@@ -18,11 +18,12 @@ from torch import nn
 
 from tuneforge.config.model import AdapterSpec
 from tuneforge.errors import ModelError, first_line
+from tuneforge.models.groups import layer_groups
+from tuneforge.models.loading import example_inputs
+from tuneforge.models.prompts import attach_prefix, attach_prompt, virtual_token_parameters
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 
 
 def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
@@ -41,10 +42,6 @@ def peft_config(spec: AdapterSpec, head_prefixes: list[str]):
 def attach_adapter(loaded, spec: AdapterSpec) -> None:
     """Attach the adapter to `loaded.model` (in place); raises ModelError when it does not fit the model."""
     from peft import inject_adapter_in_model
-
-    from tuneforge.models.groups import layer_groups
-    from tuneforge.models.loading import example_inputs
-    from tuneforge.models.prompts import attach_prefix, attach_prompt
 
     model = loaded.model
     if spec.method in ("prompt", "prefix"):
@@ -67,8 +64,6 @@ def adapter_parameters(model: nn.Module) -> set[str]:
     """Names of the adapter's own parameters (LoRA A/B, DoRA magnitudes, IA3 vectors, prompt and prefix
     vectors), not the layers they adapt."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from tuneforge.models.prompts import virtual_token_parameters
 
     names = virtual_token_parameters(model)
     for path, module in model.named_modules():

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torchmetrics.functional import classification as tmf
 
-from tuneforge.tasks.base import TaskBase
+from tuneforge.config import DataSpec, Recipe, TaskSpec
+from tuneforge.data.common import Split, TaskData, label_key, missing, natural, rows_listing
+from tuneforge.errors import RecipeError
+from tuneforge.tasks.cards import per_class_table, rarest
+from tuneforge.tasks.labels import LabelTask
+from tuneforge.tasks.registry import register_task
 
 
 def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tensor:
@@ -17,10 +25,86 @@ def balanced_class_weights(label_ids: list[int], num_classes: int) -> torch.Tens
     return len(label_ids) / (num_classes * counts.clamp(min=1))
 
 
-class ClassificationTask(TaskBase):
+class ClassificationSpec(TaskSpec):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
+
+
+@register_task
+class ClassificationTask(LabelTask):
+    """One label per example, from a softmax over the classes."""
+
     name = "classification"
+    Spec = ClassificationSpec
+    description = "classifier"
+    purpose = "Assigning one of the labels above to"
+    metric_names = ("accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro", "precision_weighted",
+                    "recall_macro", "recall_weighted", "auc_roc")
     summary_keys = ("accuracy", "f1_macro", "auc_roc", "loss")
-    info: dict = {}  # nothing beyond the labels to save with the model
+    card_metrics = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss")
+    problem_type = "single_label_classification"
+    balanced_sampling = True
+    mixes_labels = True
+
+    # ---------------------------------------------------------------- data
+
+    @classmethod
+    def check_targets(cls, split: Split, data_spec) -> list[str]:
+        """Every example labelled; a list where one label belongs means the task is multilabel."""
+        absent = [row for row, value in zip(split.rows, split.labels) if missing(value) or label_key(value) == ""]
+        problems = [f"{split.name}: {len(absent)} missing label(s) in column '{data_spec.label_column}' at "
+                    f"{rows_listing(absent)}"] if absent else []
+        if any(isinstance(value, (list, tuple, np.ndarray)) for value in split.labels):
+            problems.append(f"{split.name}: column '{data_spec.label_column}' holds lists of labels; for several labels "
+                            "per example set task.type: multilabel")
+        return problems
+
+    @classmethod
+    def label_set(cls, splits: dict[str, Split], data_spec, spec, notes: list[str],
+                  problems: list[str]) -> tuple[list[str], list[str]]:
+        """task.labels, or train's labels in natural order; validation and test may hold only known ones."""
+        train_labels = sorted({label_key(v) for v in splits["train"].labels if not missing(v)}, key=natural)
+        labels = list(spec.labels) if spec.labels else train_labels
+        if spec.labels:
+            unknown = sorted(set(train_labels) - set(labels))
+            if unknown:
+                problems.append(f"train: label(s) {unknown} are not in task.labels {labels}; add them to task.labels")
+        elif len(labels) < 2 and splits["train"].labels:
+            problems.append(f"train: only one label ({labels}) found in column '{data_spec.label_column}'; "
+                            "classification needs at least two")
+        for name in ("validation", "test"):
+            if name in splits:
+                problems += unknown_labels(splits[name], labels, "they never appear in train: fix them or list them "
+                                                                 "in task.labels")
+        return labels, list(spec.label_names) if spec.label_names else labels
+
+    @classmethod
+    def encode_targets(cls, values: list, labels: list[str], data_spec) -> list:
+        index = {label: i for i, label in enumerate(labels)}
+        return [index[label_key(value)] for value in values]
+
+    @classmethod
+    def check_known(cls, split: Split, info) -> list[str]:
+        return unknown_labels(split, info.label_values, "the model cannot predict labels it was not trained on")
+
+    # ---------------------------------------------------------------- one run, or one saved model
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> ClassificationTask:
+        spec, weights = recipe.task, recipe.task.class_weights
+        if weights == "balanced":
+            weights = balanced_class_weights(data.targets("train"), len(data.labels))
+        elif weights is not None:
+            if len(weights) != len(data.labels):
+                raise RecipeError([f"task.class_weights has {len(weights)} weights for {len(data.labels)} labels "
+                                   f"{data.label_names}; give one per label, in that order"])
+            weights = torch.tensor(weights, dtype=torch.float)
+        return cls(data.label_names, spec.label_smoothing, weights)._bind(recipe.model.max_length, recipe.data)
+
+    @classmethod
+    def from_info(cls, info, preprocessor) -> ClassificationTask:
+        return cls(info.label_names)._bind(info.max_length, DataSpec(**info.data))
 
     def __init__(self, label_names: list[str], label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
         self.label_names = label_names
@@ -92,3 +176,33 @@ class ClassificationTask(TaskBase):
 
     def csv_row(self, prediction: dict) -> list:
         return [prediction["label"], *prediction["probabilities"].values()]
+
+    # ---------------------------------------------------------------- the run's records and card
+
+    def train_summary(self, data: TaskData) -> dict:
+        counts = torch.bincount(torch.tensor(data.targets("train")), minlength=len(data.labels))
+        return {"train_class_counts": dict(zip(data.label_names, [int(c) for c in counts]))}
+
+    @classmethod
+    def card_head(cls, info) -> str:
+        return f"a new classifier for {len(info.label_names)} labels"
+
+    @classmethod
+    def card_split_details(cls, split: str, metrics: dict) -> list[str]:
+        return per_class_table(split, metrics)
+
+    @classmethod
+    def card_limitations(cls, info, data_record: dict) -> list[str]:
+        return [rarest(data_record, "class"),
+                "- The intervals above reflect only the size of each evaluation split (binomial, 95 %), not a shift "
+                "between the data it was tested on and the data it will see.",
+                "- It always answers with one of its labels, also for inputs that belong to none of them."]
+
+
+def unknown_labels(split: Split, labels: list[str], fix: str) -> list[str]:
+    unseen = [(row, label_key(v)) for row, v in zip(split.rows, split.labels) if not missing(v) and label_key(v) not in labels]
+    if not unseen:
+        return []
+    values = sorted({value for _, value in unseen})
+    return [f"{split.name}: label(s) {values} are not known to the model (known: {labels}) at "
+            f"{rows_listing([row for row, _ in unseen])}; {fix}"]

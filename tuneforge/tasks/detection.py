@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageDraw
+from pydantic import Field
 
-from tuneforge.tasks.base import TaskBase
+from tuneforge.config import Recipe, TaskSpec
+from tuneforge.data.common import Split, TaskData, drop_or_report, natural
+from tuneforge.data.datasets import load_rgb
+from tuneforge.data.detection import BoxAugmenter, DetectionDataset, box_problems, read_detection_split
+from tuneforge.data.tables import read_image_split
+from tuneforge.tasks.cards import number, table
+from tuneforge.tasks.images import ImageTask
+from tuneforge.tasks.registry import register_task
+
+BOX_AUGMENTS = ("horizontal_flip", "width_shift", "height_shift", "zoom")  # the ones that move boxes with the pixels
 
 
 def boxes_to_pixels(cxcywh: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -35,16 +47,84 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
 
 
-class DetectionTask(TaskBase):
+class DetectionSpec(TaskSpec):
+    score_threshold: float = Field(0.5, ge=0.0, lt=1.0, description="boxes `predict` reports score above this "
+                                                                    "(metrics use every box)")
+
+
+@register_task
+class DetectionTask(ImageTask):
     name = "detection"
+    Spec = DetectionSpec
+    description = "object detector"
+    purpose = "Finding and boxing objects of the classes above in"
+    metric_names = ("map_50", "map", "mean_iou", "loss")
     summary_keys = ("map_50", "map", "mean_iou", "loss")
+    data_formats = ("boxes-csv", "voc", "coco")
+    export_formats = ("hf",)
+    export_note = "also outputs boxes, which these formats do not carry yet"
+    auto_class, model_types, model_examples = ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
+                                               "DETR, Conditional DETR, YOLOS")
 
     def __init__(self, label_names: list[str], score_threshold: float = 0.5):
         self.label_names, self.score_threshold = label_names, score_threshold
+        self.augment = None  # a BoxAugmenter for the training split (flips, shifts, zooms move the boxes too)
 
-    @property
-    def info(self) -> dict:
-        return {"score_threshold": self.score_threshold}
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        super().check_recipe(recipe)
+        augment = recipe.data.augment
+        unsupported = [k for k in ("rotation", "shear", "random_erasing", "mixup", "cutmix", "color_jitter")
+                       if getattr(augment, k)]
+        if unsupported:
+            raise ValueError(f"data.augment.{unsupported[0]}: detection moves boxes with {', '.join(BOX_AUGMENTS[:-1])} "
+                             f"and {BOX_AUGMENTS[-1]} only")
+
+    # ---------------------------------------------------------------- data
+
+    @classmethod
+    def read_split(cls, name: str, where: str, data_spec, notes: list[str], labelled: bool = True) -> Split:
+        if not labelled:  # inputs to predict: images (a folder of them, or one)
+            return read_image_split(name, Path(where).expanduser(), require_labels=False)
+        return read_detection_split(name, where, data_spec)
+
+    @classmethod
+    def label_set(cls, splits: dict[str, Split], data_spec, spec, notes: list[str],
+                  problems: list[str]) -> tuple[list[str], list[str]]:
+        """Boxes inside their image, of positive area, of known classes (train's, or task.labels). With
+        data.drop_bad_annotations, images with a bad box are left out and counted."""
+        first = next(iter(splits))  # train when training; the one split being evaluated otherwise
+        seen = sorted({box[0] for boxes in splits[first].labels for box in boxes}, key=natural)
+        labels = list(spec.labels) if spec.labels else seen
+        for split in splits.values():
+            drop_or_report(split, box_problems(split, labels), "image(s) with bad boxes", data_spec.drop_bad_annotations,
+                           notes, problems)
+        if not labels and not problems:
+            problems.append(f"{first}: no boxes at all; detection needs annotated objects to learn from")
+        return labels, list(spec.label_names) if spec.label_names else labels
+
+    @classmethod
+    def check_known(cls, split: Split, info) -> list[str]:
+        problems: list[str] = []
+        drop_or_report(split, box_problems(split, info.label_values), "image(s) with bad boxes", False, [], problems)
+        return problems
+
+    # ---------------------------------------------------------------- one run, or one saved model
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> DetectionTask:
+        task = cls(data.label_names, recipe.task.score_threshold)
+        if recipe.data.augment.is_active:
+            task.augment = BoxAugmenter(recipe.data.augment, preprocessor.image_mean, preprocessor.image_std)
+        return task
+
+    @classmethod
+    def from_info(cls, info, preprocessor) -> DetectionTask:
+        return cls(info.label_names, cls.settings_of(info).score_threshold)
+
+    def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
+        index = {label: i for i, label in enumerate(self.label_names)}
+        return DetectionDataset(split, targets, preprocessor, index, self.augment if train else None)
 
     def compute_loss(self, model, inputs: dict, targets: list[dict]) -> torch.Tensor:
         return model(**inputs, labels=targets).loss
@@ -65,9 +145,25 @@ class DetectionTask(TaskBase):
             found.append({"scores": score.cpu(), "labels": label.cpu(), "boxes": boxes_to_pixels(box, height, width).cpu()})
         return found
 
-    def predict(self, outputs, items) -> list[dict]:
+    def predict(self, loaded, items: list) -> list[dict]:
+        pixels = torch.cat([loaded.preprocessor(image, return_tensors="pt")["pixel_values"] for image in items])
         sizes = torch.tensor([[image.height, image.width] for image in items])
-        return [self.format(found) for found in self.detections(outputs, sizes)]
+        with torch.inference_mode():
+            return [self.format(found) for found in self.detections(loaded.model(pixel_values=pixels), sizes)]
+
+    def predict_images(self, model, loader, accelerator, split: Split, output: Path, draw: Path | None) -> list[dict]:
+        """Boxes above the score threshold per image, in its own pixels; with `draw`, the images with them drawn."""
+        model.eval()
+        predictions = {}
+        if draw is not None:
+            draw.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode():
+            for batch in loader:
+                for index, found in zip(batch["index"].tolist(), self.detections(model(**batch["inputs"]), batch["sizes"])):
+                    predictions[index] = self.format(found)
+                    if draw is not None:
+                        _draw_boxes(split.image_paths[index], predictions[index]["boxes"], draw)
+        return [predictions[i] for i in range(len(split))]
 
     def format(self, found: dict) -> dict:
         keep = found["scores"] > self.score_threshold
@@ -139,6 +235,43 @@ class DetectionTask(TaskBase):
 
     def csv_row(self, prediction: dict) -> list:
         return [";".join(f"{b['label']} {b['score']} {' '.join(map(str, b['box']))}" for b in prediction["boxes"])]
+
+    # ---------------------------------------------------------------- the run's records and card
+
+    def train_summary(self, data: TaskData) -> dict:
+        counts = {name: 0 for name in data.labels}
+        for boxes in data.splits["train"].labels:
+            for box in boxes:
+                counts[box[0]] += 1
+        return {"train_class_counts": dict(zip(data.label_names, counts.values())),
+                "train_images": len(data.splits["train"])}
+
+    @classmethod
+    def card_head(cls, info) -> str:
+        return f"a new class head for {len(info.label_names)} classes (plus no-object) beside the box head"
+
+    @classmethod
+    def card_split_details(cls, split: str, metrics: dict) -> list[str]:
+        if not metrics.get("per_class"):
+            return []
+        return ["", f"Per class on {split}:", "", *table(["class", "AP@[.5:.95]", "AP@.5", "boxes"], [
+            [label, number(c["ap"]), number(c["ap_50"]), c["boxes"]] for label, c in metrics["per_class"].items()])]
+
+    @classmethod
+    def card_limitations(cls, info, data_record: dict) -> list[str]:
+        counts = data_record.get("train_class_counts")
+        return [f"- The rarest class had {min(counts.values())} training boxes." if counts else
+                "- Boxes per class in training: unknown.",
+                "- mAP is COCO's (pycocotools); boxes below the score threshold are left out of predictions only."]
+
+
+def _draw_boxes(path, boxes: list[dict], folder: Path) -> None:
+    image = load_rgb(path)
+    pen = ImageDraw.Draw(image)
+    for box in boxes:
+        pen.rectangle(box["box"], outline=(255, 40, 40), width=max(2, image.width // 200))
+        pen.text((box["box"][0] + 3, box["box"][1] + 2), f"{box['label']} {box['score']:.2f}", fill=(255, 40, 40))
+    image.save(folder / f"{Path(path).stem}.png")
 
 
 def _xywh(box: list[float]) -> list[float]:

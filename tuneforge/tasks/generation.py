@@ -1,40 +1,63 @@
-"""Tasks whose model writes text: seq2seq (translation, summarisation), image captioning and causal
-language modelling. The model computes its own token loss from `labels` (padding and prompts are -100,
-which it skips); evaluation generates and scores the text (seq2seq, captioning) or turns the mean token
-loss into perplexity (causal_lm).
-
-Perplexity is exp(total negative log-likelihood / number of predicted tokens) over the whole split: every
-token counts once, whatever batch it sits in (a mean of per-batch perplexities would weigh short batches
-more). With packing, a block's first token has no context and is not predicted; the other tokens see only
-the context inside their block.
-"""
+"""Tasks whose model writes text from an input: seq2seq (translation, summarisation) and image captioning.
+The model computes its own token loss from `labels` (padding is -100, which it skips); evaluation
+generates with beam search and scores the text against the references (BLEU, chrF, ROUGE, METEOR)."""
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
-import numpy as np
 import torch
+from pydantic import Field
 
-from tuneforge.data.text_tasks import pad_id, pad_rows
-from tuneforge.errors import DataError
-from tuneforge.tasks.base import TaskBase, example_nll, gather_by_index, mean_token_loss
+from tuneforge.config import Recipe
+from tuneforge.data.common import Split, check_images, check_texts
+from tuneforge.data.tables import read_image_split
+from tuneforge.data.text import read_columns, read_lines, read_parallel
+from tuneforge.data.text_datasets import CaptionDataset, Seq2SeqDataset
+from tuneforge.data.tokens import text_tokenizer
+from tuneforge.errors import DataError, ModelError
+from tuneforge.limits import MAX_COUNT
+from tuneforge.models.loading import LoadedModel, open_hf_model
+from tuneforge.models.text import CaptionProcessor, load_captioning, set_special_tokens
+from tuneforge.tasks.base import check_unicode, example_nll, gather_by_index, mean_token_loss, open_image_input
+from tuneforge.tasks.registry import register_task
+from tuneforge.tasks.text import TABLES, TextSpec, TextTask
 from tuneforge.tasks.text_metrics import generation_scores
 
 SAMPLES = 5  # generated texts kept in eval.json beside their references, to read what the scores mean
 
 
-class GenerationTask(TaskBase):
-    """seq2seq and captioning: text generated with beam search, scored against the references."""
+class GenerationSpec(TextSpec):
+    max_target_length: int = Field(128, gt=0, le=MAX_COUNT, description="token limit of target texts")
+    num_beams: int = Field(4, ge=1, le=1000, description="beam search width when generating")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_COUNT, description="the most tokens one generation adds")
 
+
+class Seq2SeqSpec(GenerationSpec):
+    source_prefix: str = Field("", description="text put before every source, e.g. T5's 'translate English to German: '")
+
+
+class GenerationTask(TextTask):
+    """Text generated with beam search, scored against the references."""
+
+    metric_names = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss")
     summary_keys = ("bleu", "chrf", "rougeL", "meteor", "loss")
+    export_note = "writes its text in a generation loop around the model, which the export does not carry yet"
+    new_head = False  # the pretrained language-model head
 
-    def __init__(self, name: str, tokenizer=None, num_beams: int = 4, max_new_tokens: int = 64, source_prefix: str = "",
-                 max_length: int = 128):
-        self.name, self.tokenizer = name, tokenizer
-        self.num_beams, self.max_new_tokens, self.source_prefix, self.max_length = (num_beams, max_new_tokens,
-                                                                                     source_prefix, max_length)
-        self.label_names: list[str] = []
+    def __init__(self, tokenizer=None, num_beams: int = 4, max_new_tokens: int = 64, max_length: int = 128,
+                 max_target_length: int = 128):
+        self.tokenizer, self.num_beams, self.max_new_tokens = tokenizer, num_beams, max_new_tokens
+        self.max_length, self.max_target_length = max_length, max_target_length
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, data, preprocessor) -> GenerationTask:
+        return cls(text_tokenizer(preprocessor), max_length=recipe.model.max_length, **cls.settings(recipe))
+
+    @classmethod
+    def from_info(cls, info, preprocessor) -> GenerationTask:
+        settings = cls.settings_of(info).model_dump(exclude={"type", "labels", "label_names"})
+        return cls(text_tokenizer(preprocessor), max_length=info.max_length, **settings)
 
     def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         return model(**inputs, labels=targets).loss
@@ -62,17 +85,10 @@ class GenerationTask(TaskBase):
         return {**generation_scores(predictions, references), "loss": loss,
                 "samples": [{"prediction": p, "references": r} for p, r in zip(predictions[:SAMPLES], references)]}
 
-    def predict_items(self, loaded, items: list) -> list[dict]:
-        """Generated text per source text (seq2seq) or image (captioning)."""
-        if self.name == "captioning":
-            processor = loaded.preprocessor.image_processor
-            inputs = {"pixel_values": torch.cat([processor(image, return_tensors="pt")["pixel_values"] for image in items])}
-        else:
-            inputs = dict(self.tokenizer([self.source_prefix + text for text in items], truncation=True,
-                                         max_length=self.max_length, padding=True, return_tensors="pt"))
-            inputs.pop("token_type_ids", None)
+    def predict(self, loaded: LoadedModel, items: list) -> list[dict]:
+        """Generated text per input."""
         with torch.inference_mode():
-            return [{"text": text} for text in self.generate(loaded.model, inputs)]
+            return [{"text": text} for text in self.generate(loaded.model, self.model_inputs(loaded, items))]
 
     def csv_header(self) -> list[str]:
         return ["text"]
@@ -81,52 +97,172 @@ class GenerationTask(TaskBase):
         return [prediction["text"]]
 
 
-class CausalLMTask(TaskBase):
-    """Language modelling: the next-token loss; judged by perplexity; predicts continuations of a prompt."""
 
-    name = "causal_lm"
-    summary_keys = ("perplexity", "loss")
 
-    def __init__(self, tokenizer=None, num_beams: int = 1, max_new_tokens: int = 64, max_length: int = 128):
-        self.tokenizer, self.num_beams, self.max_new_tokens, self.max_length = tokenizer, num_beams, max_new_tokens, max_length
-        self.label_names: list[str] = []
+@register_task
+class Seq2SeqTask(GenerationTask):
+    """Text to text: translation, summarisation."""
 
-    def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        return model(**inputs, labels=targets).loss
+    name = "seq2seq"
+    Spec = Seq2SeqSpec
+    description = "sequence-to-sequence model"
+    purpose = "Writing the target text for"
+    data_formats = (*TABLES, "parallel")
+    data_keys = frozenset({"target_column", "source_language", "target_language", "test_fraction"})
+    auto_class, model_types, model_examples = ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                                               "T5, BART, Marian")
+    head = "the pretrained decoder and language-model head"
+    limitation = ("- BLEU, chrF, ROUGE and METEOR compare with the references word by word; a correct rewording scores "
+                  "lower than it deserves.")
 
-    def evaluate(self, model, loader, accelerator) -> dict:
-        model.eval()
-        indices, results = [], []
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            for batch in loader:
-                with accelerator.autocast():
-                    logits = model(**batch["inputs"]).logits
-                results += example_nll(logits, batch["labels"], shift=True)
-                indices += batch["index"].tolist()
-        loss, tokens = mean_token_loss(gather_by_index(accelerator, indices, results).values())
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": tokens}
+    def __init__(self, tokenizer=None, num_beams: int = 4, max_new_tokens: int = 64, max_length: int = 128,
+                 max_target_length: int = 128, source_prefix: str = ""):
+        super().__init__(tokenizer, num_beams, max_new_tokens, max_length, max_target_length)
+        self.source_prefix = source_prefix
 
-    def predict_items(self, loaded, items: list) -> list[dict]:
-        """The prompt's continuation (only the new text), left-padded so every prompt ends where generation starts;
-        a prompt longer than max_length keeps its last tokens, the ones the continuation follows."""
-        tokenizer = self.tokenizer
-        rows = [np.asarray(ids[-self.max_length:], dtype=np.int64) for ids in tokenizer(list(items))["input_ids"]]
-        empty = [i for i, row in enumerate(rows) if not len(row)]
-        if empty:  # nothing to continue from: generate() would fail on a prompt of no tokens
-            raise DataError([f"input {i} has no tokens to continue; give a non-empty prompt" for i in empty])
-        inputs = {"input_ids": pad_rows(rows, pad_id(tokenizer), left=True),
-                  "attention_mask": pad_rows([np.ones(len(row), dtype=np.int64) for row in rows], 0, left=True)}
-        with torch.inference_mode():
-            generated = loaded.model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
-                                              pad_token_id=pad_id(tokenizer))
-        new = generated[:, inputs["input_ids"].shape[1]:]
-        return [{"text": text} for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        super().check_recipe(recipe)
+        data = recipe.data
+        data.target_column = data.target_column or "target"
+        if data.format == "parallel" and not (data.source_language and data.target_language):
+            raise ValueError("data.format parallel needs data.source_language and data.target_language (the files' "
+                             "suffixes, e.g. en and de)")
 
-    def csv_header(self) -> list[str]:
-        return ["text"]
+    @classmethod
+    def read_split(cls, name: str, where: str, data_spec, notes: list[str], labelled: bool = True) -> Split:
+        if data_spec.format == "parallel":
+            if not Path(where).is_file():  # a stem: <stem>.<source language> beside <stem>.<target language>
+                return read_parallel(name, where, data_spec)
+            data_spec = data_spec.model_copy(update={"format": "auto"})  # trained on aligned files, given a table
+        if not labelled and Path(where).suffix == ".txt":
+            return read_lines(name, where, data_spec)
+        wanted = {data_spec.text_column: "the source text", **({data_spec.target_column: "the target text"} if labelled else {})}
+        columns, rows, failed = read_columns(name, where, data_spec, wanted)
+        if failed:
+            return failed
+        targets = columns[data_spec.target_column] if labelled else [None] * len(rows)
+        return Split(name, where, targets, rows, texts=columns[data_spec.text_column])
 
-    def csv_row(self, prediction: dict) -> list:
-        return [prediction["text"]]
+    @classmethod
+    def check_split(cls, split: Split, data_spec, notes: list[str], labelled: bool = True) -> list[str]:
+        problems = super().check_split(split, data_spec, notes, labelled)
+        if labelled and len(split):
+            target = "target" if data_spec.format == "parallel" else data_spec.target_column
+            problems += check_texts(split, target, split.labels)
+        return problems
+
+    @classmethod
+    def input_column(cls, data_spec) -> str:
+        return "source" if data_spec.format == "parallel" else data_spec.text_column
+
+    def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
+        return Seq2SeqDataset(split, preprocessor, self.max_length, self.max_target_length, self.source_prefix)
+
+    def prepare_input(self, item, index: int, modality: str):
+        if not isinstance(item, str):
+            raise DataError([f"input {index} is not text"])
+        check_unicode([item], index)
+        return item
+
+    def model_inputs(self, loaded: LoadedModel, items: list) -> dict:
+        inputs = dict(self.tokenizer([self.source_prefix + text for text in items], truncation=True,
+                                     max_length=self.max_length, padding=True, return_tensors="pt"))
+        inputs.pop("token_type_ids", None)
+        return inputs
+
+
+@register_task
+class CaptioningTask(GenerationTask):
+    """Image to text: a vision encoder joined to a text decoder by cross-attention."""
+
+    name = "captioning"
+    Spec = GenerationSpec
+    description = "image captioning model"
+    purpose = "Describing in text"
+    data_formats = TABLES
+    data_keys = frozenset({"target_column", "test_fraction"})
+    reads_decoder = True
+    auto_class = "VisionEncoderDecoderModel"
+    head = "a text decoder reading the vision encoder through cross-attention"
+    limitation = ("- BLEU, ROUGE and METEOR compare with the reference captions word by word; a correct but differently "
+                  "worded caption scores lower than it deserves.")
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        super().check_recipe(recipe)
+        data = recipe.data
+        data.target_column, data.image_column = data.target_column or "caption", data.image_column or "image"
+
+    @classmethod
+    def read_split(cls, name: str, where: str, data_spec, notes: list[str], labelled: bool = True) -> Split:
+        if not labelled and Path(where).is_dir():  # a folder of images to caption
+            return read_image_split(name, Path(where), require_labels=False)
+        wanted = {data_spec.image_column: "the image file", **({data_spec.target_column: "the caption"} if labelled else {})}
+        columns, rows, failed = read_columns(name, where, data_spec, wanted)
+        if failed:
+            return Split(name, where, [], [], image_paths=[], problems=failed.problems)
+        root = Path(data_spec.image_root) if data_spec.image_root else Path(where).parent
+        paths = [None if image is None else root / str(image) for image in columns[data_spec.image_column]]
+        captions = columns[data_spec.target_column] if labelled else [None] * len(rows)
+        return Split(name, where, captions, rows, image_paths=paths)
+
+    @classmethod
+    def check_split(cls, split: Split, data_spec, notes: list[str], labelled: bool = True) -> list[str]:
+        if len(split) == 0:
+            return [f"{split.name}: {split.source} has no examples"]
+        problems = check_images(split, data_spec.skip_unreadable_images, notes)
+        return problems + (check_texts(split, data_spec.target_column, split.labels) if labelled else [])
+
+    @classmethod
+    def example_groups(cls, split: Split) -> tuple[list, str]:
+        return [str(p) for p in split.image_paths], "image"  # every caption of an image on one side
+
+    @classmethod
+    def modality_of(cls, split: Split) -> str:
+        return "image"
+
+    @classmethod
+    def load_model(cls, model_spec, labels: list[str], image_spec, factory=None) -> LoadedModel:
+        cls.refuse_factory(model_spec)
+        source = open_hf_model(model_spec)
+        if source.config.model_type != "vision-encoder-decoder" and not model_spec.decoder:
+            raise ModelError([f"model.name {model_spec.name!r} is a {source.config.model_type} model; task.type "
+                              "captioning needs a VisionEncoderDecoder folder, or model.decoder naming a text decoder "
+                              "for this encoder"])
+        model, processor, report = load_captioning(model_spec, image_spec, source.name, source.common)
+        set_special_tokens(model, processor.tokenizer, decoder_start=True)
+        return LoadedModel(model, processor, "image", cls.saved_head(model), report)
+
+    @classmethod
+    def saved_class(cls, folder: Path) -> tuple[type, str]:
+        from transformers import VisionEncoderDecoderModel
+
+        return VisionEncoderDecoderModel, "image"
+
+    @classmethod
+    def saved_processor(cls, folder: Path, modality: str):
+        return CaptionProcessor.from_pretrained(folder)
+
+    def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
+        return CaptionDataset(split, preprocessor, self.max_target_length)
+
+    def prepare_input(self, item, index: int, modality: str):
+        return open_image_input(item, index)
+
+    def model_inputs(self, loaded: LoadedModel, items: list) -> dict:
+        processor = loaded.preprocessor.image_processor
+        return {"pixel_values": torch.cat([processor(image, return_tensors="pt")["pixel_values"] for image in items])}
+
+    def read_inputs(self, path: Path, data_spec) -> tuple[list, list[str]]:
+        split = self.read_split("input", str(path), data_spec, [], labelled=False)
+        if split.problems:
+            raise DataError(split.problems)
+        return split.image_paths, split.rows
+
+    @classmethod
+    def card_input(cls, info) -> str:
+        return "RGB images"
 
 
 def _one_per_input(indices: list[int], inputs: list | None) -> list[int]:

@@ -14,6 +14,11 @@ from importlib.metadata import entry_points
 from tuneforge.errors import RecipeError
 
 ENTRY_POINT_GROUP = "tuneforge.tasks"
+DEFAULT_TASK = "classification"  # a recipe without task.type
+TASK_TYPES_HELP = ("classification (one label per example), multilabel (any number of labels), regression "
+                   "(continuous targets), segmentation (a class per pixel), detection (boxes with classes), seq2seq "
+                   "(text to text), qa (extractive question answering), captioning (image to text), causal_lm "
+                   "(language modelling), or a task registered by a plug-in")
 _TASKS: dict[str, type] = {}
 _plugins_loaded = False
 
@@ -24,8 +29,9 @@ def register_task(task_class: type) -> type:
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"{task_class.__qualname__}.name must be a plain identifier, got {name!r}")
     known = _TASKS.get(name)
-    if known is not None and known is not task_class and known.__qualname__ != task_class.__qualname__:
-        raise TypeError(f"task {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+    where = lambda cls: f"{cls.__module__}.{cls.__qualname__}"
+    if known is not None and where(known) != where(task_class):  # the same class again (a module re-run) is fine
+        raise TypeError(f"task {name!r} is already registered by {where(known)}")
     _TASKS[name] = task_class
     return task_class
 

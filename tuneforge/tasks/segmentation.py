@@ -9,23 +9,102 @@ batch, so a split of any size is evaluated in constant memory.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from pydantic import Field
 
-from tuneforge.tasks.base import TaskBase
+from tuneforge.config import DataSpec, Recipe, TaskSpec
+from tuneforge.data.common import Split, TaskData, drop_or_report
+from tuneforge.data.datasets import SegmentationDataset
+from tuneforge.data.tables import read_mask_split
+from tuneforge.tasks.cards import number, table
+from tuneforge.tasks.images import ImageTask
+from tuneforge.tasks.registry import register_task
 
 
-class SegmentationTask(TaskBase):
+class SegmentationSpec(TaskSpec):
+    ignore_index: int = Field(255, ge=0, le=2**31 - 1, description="mask value of pixels that count nowhere")
+
+
+@register_task
+class SegmentationTask(ImageTask):
     name = "segmentation"
+    Spec = SegmentationSpec
+    description = "semantic segmentation model"
+    purpose = "Assigning one of the classes above to every pixel of"
+    metric_names = ("mean_iou", "mean_dice", "pixel_accuracy", "loss")
     summary_keys = ("mean_iou", "mean_dice", "pixel_accuracy", "loss")
+    data_formats = ("image-masks",)
+    auto_class, model_types, model_examples = ("AutoModelForSemanticSegmentation",
+                                               "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", "SegFormer")
 
     def __init__(self, label_names: list[str], ignore_index: int = 255):
         self.label_names = label_names
         self.ignore_index = ignore_index
 
-    @property
-    def info(self) -> dict:
-        return {"ignore_index": self.ignore_index}
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        super().check_recipe(recipe)
+        if recipe.data.augment.is_active:
+            raise ValueError("data.augment moves pixels but not the masks; task.type segmentation cannot use it yet")
+
+    # ---------------------------------------------------------------- data
+
+    @classmethod
+    def read_split(cls, name: str, where: str, data_spec, notes: list[str], labelled: bool = True) -> Split:
+        return read_mask_split(name, Path(where).expanduser(), labelled)
+
+    @classmethod
+    def label_set(cls, splits: dict[str, Split], data_spec, spec, notes: list[str],
+                  problems: list[str]) -> tuple[list[str], list[str]]:
+        """Every mask read once: present, readable, one channel, the image's size, and only known classes (0 ...
+        K-1, or the ignore index); with data.drop_bad_annotations, offending pairs are left out and counted."""
+        ignore = spec.ignore_index
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            facts = {name: list(pool.map(_mask_facts, split.image_paths, split.labels)) for name, split in splits.items()}
+        first = next(iter(facts))  # train when training; the one split being evaluated otherwise
+        found = set().union(*(values for _, values in facts[first])) - {ignore}
+        labels = list(spec.labels) if spec.labels else [str(v) for v in range(max(found, default=0) + 1)]
+        for name, split in splits.items():
+            bad = []
+            for index, (problem, values) in enumerate(facts[name]):
+                unknown = sorted(v for v in values if v != ignore and not 0 <= v < len(labels))
+                if problem is None and unknown:
+                    problem = (f"class value(s) {unknown[:5]} outside the label map (0 to {len(labels) - 1}, ignore "
+                               f"index {ignore})")
+                if problem:
+                    bad.append((index, problem))
+            drop_or_report(split, bad, "image(s) with bad masks", data_spec.drop_bad_annotations, notes, problems)
+        return labels, list(spec.label_names) if spec.label_names else labels
+
+    @classmethod
+    def check_known(cls, split: Split, info) -> list[str]:
+        """The masks checked against the model's label map, as training checked them."""
+        problems: list[str] = []
+        spec = cls.settings_of(info).model_copy(update={"labels": info.label_values})
+        cls.label_set({"evaluation": split}, DataSpec(**info.data), spec, [], problems)
+        return problems
+
+    # ---------------------------------------------------------------- one run, or one saved model
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> SegmentationTask:
+        return cls(data.label_names, recipe.task.ignore_index)
+
+    @classmethod
+    def from_info(cls, info, preprocessor) -> SegmentationTask:
+        return cls(info.label_names, cls.settings_of(info).ignore_index)
+
+    def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
+        return SegmentationDataset(split, targets, preprocessor)
+
+    def compute_loss(self, model, inputs: dict, targets):
+        return self.loss(model(**inputs).logits, targets)
 
     def _upsampled(self, logits: torch.Tensor, size) -> torch.Tensor:
         return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
@@ -90,13 +169,73 @@ class SegmentationTask(TaskBase):
         """Per example the class of every pixel and the share of pixels each class takes."""
         return [{"mask": mask.tolist(), "class_fractions": self.class_fractions(mask)} for mask in self.masks(logits, size)]
 
-    def predict(self, outputs, items: list) -> list[dict]:
+    def predict(self, loaded, items: list) -> list[dict]:
         """Each mask at its own image's size."""
-        return [self.predictions(outputs.logits[i:i + 1], size=(image.height, image.width))[0]
-                for i, image in enumerate(items)]
+        pixels = torch.cat([loaded.preprocessor(image, return_tensors="pt")["pixel_values"] for image in items])
+        with torch.inference_mode():
+            logits = loaded.model(pixel_values=pixels).logits
+        return [self.predictions(logits[i:i + 1], size=(image.height, image.width))[0] for i, image in enumerate(items)]
+
+    def predict_images(self, model, loader, accelerator, split: Split, output: Path, draw: Path | None) -> list[dict]:
+        """Batch by batch (no split-sized tensor): each mask upsampled to its image's size and saved as a PNG in
+        OUTPUT-masks/<image name>.png (class index per pixel)."""
+        folder = output.parent / f"{output.stem}-masks"
+        folder.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        predictions = {}
+        with torch.inference_mode():
+            for batch in loader:
+                logits = model(**batch["inputs"]).logits
+                for row_logits, index in zip(logits, batch["index"].tolist()):
+                    path = split.image_paths[index]
+                    with Image.open(path) as image:
+                        size = (image.height, image.width)
+                    mask = self.masks(row_logits[None], size=size)[0]
+                    target = folder / f"{Path(path).stem}.png"
+                    Image.fromarray(mask.numpy().astype(np.uint8 if len(self.label_names) < 256 else np.int32)).save(target)
+                    predictions[index] = {"mask_file": str(target), "class_fractions": self.class_fractions(mask)}
+        return [predictions[i] for i in range(len(split))]
 
     def csv_header(self) -> list[str]:
         return [f"fraction_{name}" for name in self.label_names]
 
     def csv_row(self, prediction: dict) -> list:
         return list(prediction["class_fractions"].values())
+
+    # ---------------------------------------------------------------- the card
+
+    @classmethod
+    def card_head(cls, info) -> str:
+        return f"a new decode head with one output map per class ({len(info.label_names)} classes)"
+
+    @classmethod
+    def card_split_details(cls, split: str, metrics: dict) -> list[str]:
+        if not metrics.get("per_class"):
+            return []
+        return ["", f"Per class on {split}:", "", *table(["class", "IoU", "Dice", "pixels"], [
+            [label, number(c["iou"]), number(c["dice"]), c["pixels"]] for label, c in metrics["per_class"].items()])]
+
+    @classmethod
+    def card_limitations(cls, info, data_record: dict) -> list[str]:
+        return ["- Per-class IoU and Dice are in the tables above; classes with few pixels are usually segmented "
+                "less reliably.", "- Masks are predicted at the model's input resolution and upsampled to each image's "
+                "size, so thin structures may be lost."]
+
+
+def _mask_facts(image: Path, mask: Path | None) -> tuple[str | None, set[int]]:
+    """(what is wrong with this pair or None, the class values in the mask)."""
+    if mask is None:
+        return "no mask (expected masks/<image name>.png)", set()
+    try:
+        with Image.open(mask) as opened:
+            values = np.asarray(opened)
+        with Image.open(image) as picture:
+            size = picture.size
+    except Exception as error:  # PIL raises many types for a bad file
+        return f"unreadable mask {mask} ({type(error).__name__}: {error})", set()
+    if values.ndim != 2:
+        return f"mask {mask} has {values.shape[-1]} channels; a mask holds one class index per pixel (mode L or P)", set()
+    if (values.shape[1], values.shape[0]) != size:
+        return f"mask {mask} is {values.shape[1]}x{values.shape[0]} but its image is {size[0]}x{size[1]}", set()
+    return None, set(np.unique(values).tolist())
+

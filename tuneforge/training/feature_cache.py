@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tuneforge.data.loaders import ImageDataset, TextDataset, length_order, loader_workers
+from tuneforge.data.datasets import ImageDataset, TextDataset
+from tuneforge.data.loaders import length_order, loader_workers
+from tuneforge.models.groups import covering_modules
 
 CACHE_KEY = "cached_features"  # the entry of a batch's inputs that carries the replayed outputs
 TOLERANCE = 1e-4  # replayed vs full forward, max absolute logit difference, float32
@@ -299,7 +301,6 @@ def remove_hooks(handles: list):
 
 def choose_prefix(setting, plan, model: nn.Module, augmenting: bool, processes: int) -> tuple[FrozenPrefix | None, str]:
     """The prefix to cache under `train.cache_features` (auto / true / false), or None and why not."""
-    from tuneforge.models.groups import covering_modules
 
     if setting is False:
         return None, "train.cache_features is false"

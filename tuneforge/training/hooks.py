@@ -6,111 +6,42 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 from accelerate import Accelerator
 from rich.console import Console
 
-from tuneforge.training.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
-from tuneforge.data.preflight import TaskData
-from tuneforge.errors import TrainingError, TuneforgeError
+from tuneforge.artifacts import (CHECKPOINT_DIR, METRICS_FILE, MODEL_DIR, ModelInfo, replace_folder, write_model_info)
+from tuneforge.config import Recipe
+from tuneforge.data.common import TaskData
+from tuneforge.errors import TrainingError
+from tuneforge.models.folder import save_model_folder
+from tuneforge.models.loading import LoadedModel
 from tuneforge.strategies.freeze import FreezePlan
-from tuneforge.models.loading import LoadedModel, save_model_folder
-from tuneforge.config import TEXT_TASK_SETTINGS, TEXT_TASKS, Recipe, read_yaml
 from tuneforge.strategies.schedules import PlateauState, refresh_lr
+from tuneforge.tasks.base import Task
+from tuneforge.training.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
 
-MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoints"
-MERGED_DIR = "model-merged"  # with adapter.save_merged: the best model with its adapter folded into the weights
-FEATURE_CACHE_DIR = "feature_cache"  # per split: a frozen prefix's outputs (see feature_cache.py)
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.json")
-RUN_ENTRIES = (*RUN_FILES, MODEL_DIR, MERGED_DIR, CHECKPOINT_DIR, FEATURE_CACHE_DIR)  # all that a run directory holds
-
-
-def _own_names(entries: tuple[str, ...]) -> set[str]:
-    """`entries`, and the partial and old copies an interrupted swap of one leaves (.NAME.partial, .NAME.old)."""
-    return set(entries) | {f".{name}.{suffix}" for name in entries for suffix in ("partial", "old")}
-
-
-def foreign_entries(folder: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
-    """Names in `folder` that tuneforge did not write there."""
-    return sorted(path.name for path in folder.iterdir() if path.name not in _own_names(entries))
-
-
-def is_run_dir(folder: Path) -> bool:
-    """Whether `folder` holds a run: its recipe.yaml is a resolved recipe, with every section a run saves (a
-    recipe a person wrote names only some). Only such a folder is resumed into or overwritten."""
-    saved = folder / "recipe.yaml"
-    try:
-        recipe = read_yaml(saved) if saved.is_file() else None
-    except TuneforgeError:
-        return False
-    return isinstance(recipe, dict) and set(recipe) >= {"model", "data", "task", "train", "optim", "eval", "output"}
-
-
-def clear_run_dir(run_dir: Path) -> list[str]:
-    """Remove a run directory's own entries, and only those: anything else in it stays where it is (returned)."""
-    for path in run_dir.iterdir():
-        if path.name not in _own_names(RUN_ENTRIES):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return foreign_entries(run_dir)
-
-
-def write_json_atomic(path: Path, content) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
-
-
-def replace_folder(folder: Path, write):
-    """Write a folder under a temporary name, then swap it in, so a reader never sees half of it.
-    Returns what `write(temporary_folder)` returns."""
-    partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        result = write(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written copy behind
-        raise
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-    os.rename(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return result
-
-
-def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe, task,
+def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe, task: Task,
                    trained: set[str] | None = None) -> None:
-    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it.
+    """The deployable model folder, plus what tuneforge needs to evaluate and predict with it (ModelInfo).
 
     `trained`: the parameters the plan trains, all that an adapter folder stores besides the buffers."""
+    info = ModelInfo(task=task.name, modality=data.modality, label_values=data.labels, label_names=data.label_names,
+                     max_length=recipe.model.max_length, data=recipe.data.model_dump(mode="json", include=SAVED_DATA_KEYS),
+                     task_settings=recipe.task.model_dump(mode="json"), task_state=task.state)
+
     def write(target: Path) -> None:
         save_model_folder(loaded, target, data.label_names, trained)
-        info = {"task": recipe.task.type, "modality": data.modality, "label_values": data.labels,
-                "label_names": data.label_names, "max_length": recipe.model.max_length, **task.info,
-                "data": recipe.data.model_dump(mode="json", include={"format", "text_column", "text_pair_column",
-                                                                      "label_column", "label_separator",
-                                                                      "image_column", "columns", "encoding", "target_column",
-                                                                      "source_language", "target_language",
-                                                                      "prompt_column", "response_column"})}
-        if recipe.task.type in TEXT_TASKS:  # how its datasets were built, so `evaluate` builds them the same way
-            info["task_settings"] = recipe.task.model_dump(mode="json", include=TEXT_TASK_SETTINGS)
-        (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
+        write_model_info(target, info)
     replace_folder(folder, write)
 
 
-def update_model_info(folder: Path, values: dict) -> None:
-    """Change entries of a saved model's tuneforge.json (e.g. a threshold chosen after training)."""
-    with storage_errors(folder):
-        info = json.loads((folder / "tuneforge.json").read_text())
-        write_json_atomic(folder / "tuneforge.json", {**info, **values})
+# The data settings that reading new inputs like the training data needs, saved with the model.
+SAVED_DATA_KEYS = {"format", "text_column", "text_pair_column", "label_column", "label_separator", "image_column",
+                   "columns", "encoding", "target_column", "source_language", "target_language", "prompt_column",
+                   "response_column"}
 
 
 @contextlib.contextmanager
@@ -122,58 +53,12 @@ def storage_errors(target: Path):
         raise storage_error(target, error, target.parent / CHECKPOINT_DIR) from None
 
 
-def repair_run_dir(run_dir: Path) -> list[str]:
-    """Undo what a kill in the middle of a write can leave behind; returns what was repaired.
-
-    - metrics.jsonl: a last line cut short is dropped (every complete line is kept);
-    - model/: a swap interrupted between its two renames leaves only .model.old: put it back.
-    """
-    repaired = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        content = metrics.read_bytes()
-        if content and not content.endswith(b"\n"):
-            with metrics.open("r+b") as file:
-                file.truncate(content.rfind(b"\n") + 1)
-            repaired.append("dropped a half-written last line of metrics.jsonl")
-    model, old = run_dir / MODEL_DIR, run_dir / f".{MODEL_DIR}.old"
-    if not model.exists() and old.exists():
-        os.rename(old, model)
-        repaired.append("restored model/ from an interrupted update")
-    shutil.rmtree(run_dir / f".{MODEL_DIR}.partial", ignore_errors=True)
-    return repaired
-
-
-def drop_redone_records(metrics: Path, step: int) -> int:
-    """Before a run resumes from `step`: drop the records of later steps (and the final results), which the
-    interrupted attempt wrote and the resumed one writes again, so a reader sees every step once. The file is
-    rewritten atomically; returns how many records were dropped."""
-    if not metrics.is_file():
-        return 0
-    lines = metrics.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if not _redone(line, step)]
-    if len(kept) != len(lines):
-        partial = metrics.with_name(f".{metrics.name}.partial")
-        partial.write_text("".join(kept))
-        os.replace(partial, metrics)
-    return len(lines) - len(kept)
-
-
-def _redone(line: str, step: int) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:  # not ours to judge: keep it
-        return False
-    return isinstance(record, dict) and (record.get("type") == "final" or
-                                         (isinstance(record.get("step"), int) and record["step"] > step))
-
-
 class Run:
     """State shared by the hooks of one training run."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console):
         self.recipe, self.run_dir, self.accelerator, self.console = recipe, run_dir, accelerator, console
-        self.metrics_file = run_dir / "metrics.jsonl"
+        self.metrics_file = run_dir / METRICS_FILE
 
     @property
     def main(self) -> bool:

@@ -94,6 +94,45 @@ def backward_window(model, task, window: list[dict], accelerator, splits: int, p
     return total
 
 
+def backward_or_split(model, task, window: list[dict], accelerator, splits: int, penalty, optimizer, hooks: LoopHooks,
+                      state: TrainState) -> tuple[torch.Tensor, int]:
+    """backward_window; on out-of-memory, again with each batch split in twice as many micro-batches (the
+    effective batch is unchanged). Returns the loss and the splits that fitted; any other error propagates."""
+    while True:
+        try:
+            return backward_window(model, task, window, accelerator, splits, penalty), splits
+        except Exception as error:  # only out-of-memory is handled; anything else propagates
+            if not is_out_of_memory(error) or splits >= len(window[0]["labels"]):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            splits *= 2
+            hooks.on_out_of_memory(state, -(-len(window[0]["labels"]) // splits), splits)
+
+
+class Meter:
+    """The mean loss and the throughput between two log records. Throughput counts training compute only, not
+    evaluation or checkpoint time."""
+
+    def __init__(self, device):
+        self.loss_sum, self.count, self.examples, self.busy = torch.zeros((), device=device), 0, 0, 0.0
+
+    def add(self, loss: torch.Tensor, examples: int, since: float) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.examples += examples
+        self.busy += time.perf_counter() - since
+
+    def record(self, accelerator, **fields) -> dict:
+        """The log record of the steps since the last one (the loss averaged over processes); starts afresh."""
+        mean_loss = float(accelerator.reduce(self.loss_sum, "mean")) / self.count
+        record = {"type": "train", "step": fields["step"], "epoch": fields["epoch"], "loss": round(mean_loss, 6),
+                  "lr": fields["lr"], "stage": fields["stage"], "grad_norm": fields["grad_norm"],
+                  "examples_per_second": round(self.examples / self.busy, 2)}
+        self.loss_sum.zero_()
+        self.count, self.examples, self.busy = 0, 0, 0.0
+        return record
+
+
 def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan: FreezePlan, state: TrainState,
         epochs: int, total_steps: int, grad_accum_steps: int, max_grad_norm: float | None, log_every_steps: int,
         hooks: LoopHooks, tools: StepTools = StepTools(), console=None) -> TrainState:
@@ -109,8 +148,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
     plan.apply(bare, stage)
     hooks.on_stage(state, stage)
     splits = 1  # micro-batches per loaded batch; doubles on out-of-memory, keeping the effective batch
-    # Throughput counts training compute only, not evaluation or checkpoint time.
-    loss_sum, loss_count, examples, busy = torch.zeros((), device=accelerator.device), 0, 0, 0.0
+    meter = Meter(accelerator.device)
     try:
         while state.epoch < epochs and state.step < total_steps and not state.stopped_early:
             sampler.start_epoch(state.epoch, skip=state.batch_in_epoch)
@@ -124,7 +162,7 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                 window.append(tools.augment(batch) if tools.augment else batch)
                 state.batch_in_epoch = position
                 if position % grad_accum_steps and position != batches_in_epoch:
-                    busy += time.perf_counter() - tick
+                    meter.busy += time.perf_counter() - tick
                     continue  # the last group of an epoch may be shorter
 
                 if plan.stage_index(state.step) != stage:
@@ -132,16 +170,8 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     plan.apply(bare, stage)
                     train_mode(stage)
                     hooks.on_stage(state, stage)
-                while True:
-                    try:
-                        loss = backward_window(model, task, window, accelerator, splits, tools.penalty)
-                        break
-                    except Exception as error:  # only out-of-memory is handled; anything else propagates
-                        if not is_out_of_memory(error) or splits >= len(window[0]["labels"]):
-                            raise
-                        optimizer.zero_grad(set_to_none=True)
-                        splits *= 2
-                        hooks.on_out_of_memory(state, -(-len(window[0]["labels"]) // splits), splits)
+                loss, splits = backward_or_split(model, task, window, accelerator, splits, tools.penalty, optimizer,
+                                                 hooks, state)
                 # Clipping also measures the gradient norm (an infinite limit only measures).
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
                 # With fp16 the gradient scaler handles overflow itself (it skips the step); otherwise a
@@ -161,22 +191,13 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
                     state.skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
-                loss_sum += loss
-                loss_count += 1
-                examples += sum(len(b["labels"]) for b in window) * accelerator.num_processes
+                meter.add(loss, sum(len(b["labels"]) for b in window) * accelerator.num_processes, tick)
                 window = []
-                busy += time.perf_counter() - tick
-
                 if state.step % log_every_steps == 0 or state.step == total_steps:
-                    mean_loss = float(accelerator.reduce(loss_sum, "mean")) / loss_count
-                    record = {"type": "train", "step": state.step, "epoch": state.epoch + position / batches_in_epoch,
-                              "loss": round(mean_loss, 6), "lr": lr, "stage": stage,
-                              "grad_norm": round(float(grad_norm), 6),
-                              "examples_per_second": round(examples / busy, 2)}
+                    record = meter.record(accelerator, step=state.step, epoch=state.epoch + position / batches_in_epoch,
+                                          lr=lr, stage=stage, grad_norm=round(float(grad_norm), 6))
                     hooks.on_log(state, record)
-                    progress.update(0, loss=f"{mean_loss:.4f}", speed=f"{examples / busy:.1f}")
-                    loss_sum.zero_()
-                    loss_count, examples, busy = 0, 0, 0.0
+                    progress.update(0, loss=f"{record['loss']:.4f}", speed=f"{record['examples_per_second']:.1f}")
                 progress.update(1)
                 hooks.on_step_end(state)
                 if not model.training:  # a periodic evaluation switched to eval mode
@@ -189,25 +210,3 @@ def fit(*, model, task, loader, sampler, optimizer, scheduler, accelerator, plan
     finally:
         progress.close()
     return state
-
-
-@torch.inference_mode()
-def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole split, gathered from every process, in dataset order.
-
-    Loaders may visit examples in any order (evaluation goes shortest first); each batch
-    carries its examples' indices, and the results are sorted back by them.
-    """
-    model.eval()
-    all_logits, all_labels, all_indices = [], [], []
-    # Evaluation must not move the training RNG, or a resumed run would diverge.
-    with torch.random.fork_rng(devices=[]):
-        for batch in loader:
-            with accelerator.autocast():
-                logits = model(**batch["inputs"]).logits
-            logits, labels, indices = accelerator.gather_for_metrics((logits.float(), batch["labels"], batch["index"]))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-            all_indices.append(indices.cpu())
-    order = torch.argsort(torch.cat(all_indices))
-    return torch.cat(all_logits)[order], torch.cat(all_labels)[order]

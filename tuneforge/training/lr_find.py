@@ -24,11 +24,11 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.training.hooks import write_json_atomic
-from tuneforge.errors import RecipeError
-from tuneforge.training.loop import Progress, backward_window
+from tuneforge.artifacts import write_json_atomic
 from tuneforge.config import Recipe, load_recipe
-from tuneforge.training.run import assemble, make_accelerator
+from tuneforge.errors import RecipeError
+from tuneforge.training.assembly import assemble, make_accelerator
+from tuneforge.training.loop import Progress, backward_window
 
 SMOOTHING = 0.98  # beta of the loss's exponential moving average
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss exceeds this many times the best one
@@ -139,11 +139,12 @@ def find_lr(recipe: str | Path | dict | Recipe, overrides: list[str] | None = No
     set_seed(recipe.train.seed)
     # Built for the recipe's real training length: a recipe `train` would refuse is refused here too.
     t = assemble(recipe, accelerator, console, recipe.output_dir(), resume=False)
-    spec, plan, optimizer, sampler = recipe.train, t.plan, t.optimizer, t.sampler  # the schedule goes unused
-    augment, penalty = t.tools.augment, t.tools.penalty
+    o, spec, sampler = t.optimization, recipe.train, t.loaders.sampler
+    plan, optimizer = o.plan, o.optimizer  # the schedule goes unused
+    augment, penalty = t.optimization.tools.augment, t.optimization.tools.penalty
     reference, scales = _lr_scales(optimizer, recipe.optim.lr)
     plan.apply(t.loaded.model, 0)
-    model, optimizer, train_loader = accelerator.prepare(t.loaded.model, optimizer, t.train_loader)
+    model, optimizer, train_loader = accelerator.prepare(t.loaded.model, optimizer, t.loaders.train)
     plan.train_mode(t.loaded.model, 0)  # the bare model: names match the plan's under DDP too
 
     if main:

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneforge.models.adapters import AdapterSpec, merged_copy
+from tuneforge.artifacts import model_folder, read_model_info, replace_folder, write_model_info
+from tuneforge.config import AdapterSpec
 from tuneforge.errors import ModelError, StorageError, TuneforgeError
-from tuneforge.training.hooks import replace_folder
-from tuneforge.use.inference import model_folder, read_model_info
+from tuneforge.models.adapters import merged_copy
+from tuneforge.models.folder import load_model_folder, save_model_folder
+from tuneforge.models.loading import LoadedModel, example_inputs
 from tuneforge.use.model_card import write_model_card
-from tuneforge.models.loading import LoadedModel, example_inputs, load_model_folder, save_model_folder
+from tuneforge.use.predictor import task_of
 
 FORMATS = ("hf", "onnx", "torch-export")
 TOLERANCE = 1e-4  # max |exported - PyTorch| on the check inputs, in logits
@@ -56,23 +58,6 @@ def _plain(loaded: LoadedModel) -> LoadedModel:
     model = merged_copy(loaded.model) if loaded.base is not None else loaded.model
     model.eval()
     return replace(loaded, model=model, base=None)
-
-
-def _fold_target_scaling(loaded: LoadedModel, info: dict) -> dict:
-    """A regression model learned its targets scaled to mean 0, std 1; fold that scaling into the head's
-    last Linear, so every exported format outputs the data's units. Returns the info to export with it."""
-    if info.get("task") != "regression":
-        return info
-    head = [m for prefix in loaded.head_prefixes for m in loaded.model.get_submodule(prefix).modules()
-            if isinstance(m, nn.Linear)]
-    if not head or head[-1].bias is None:
-        raise ModelError(["this regression model's head does not end in a Linear layer with a bias, so its target "
-                          "scaling cannot be folded into it for export"])
-    mean, std = torch.tensor(info["target_mean"]), torch.tensor(info["target_std"])
-    with torch.no_grad():
-        head[-1].weight.mul_(std[:, None].to(head[-1].weight.dtype))
-        head[-1].bias.mul_(std.to(head[-1].bias.dtype)).add_(mean.to(head[-1].bias.dtype))
-    return {**info, "target_mean": [0.0] * len(mean), "target_std": [1.0] * len(std)}
 
 
 def _dynamic_axes(names: list[str]) -> dict:
@@ -158,22 +143,17 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
     source, output = model_folder(run), Path(output)
     _check_output(output, overwrite)
     info = read_model_info(source)
-    loaded, labels = load_model_folder(source, factory)
-    task = info.get("task")
-    if task == "detection" and fmt != "hf":
-        raise ModelError([f"--format {fmt} exports a model's logits only; a detection model also outputs boxes, which "
-                          "these formats do not carry yet: export it with --format hf"])
-    if task in ("seq2seq", "captioning", "causal_lm", "qa") and fmt != "hf":
-        why = ("answers come from start and end logits over windows of the context" if task == "qa" else
-               "its text comes from a generation loop around the model, not from one forward pass")
-        raise ModelError([f"--format {fmt} exports one forward pass to logits; a {task} model's {why}, which the "
-                          "export does not carry yet: export it with --format hf (transformers' pipelines and "
-                          "generate() read it)"])
+    task_class = task_of(info, source)
+    if fmt not in task_class.export_formats:
+        raise ModelError([f"--format {fmt} exports one forward pass to logits, and a {info.task} model "
+                          f"{task_class.export_note}: export it with --format {' or '.join(task_class.export_formats)} "
+                          "(transformers' own classes read it)"])
+    loaded, labels = load_model_folder(source, task_class, factory)
     if fmt == "hf" and loaded.base is not None and not AdapterSpec(**loaded.base["adapter"]).mergeable:
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])
     loaded = _plain(loaded)
-    info = _fold_target_scaling(loaded, info)
+    info = task_class.from_info(info, loaded.preprocessor).fold_for_export(loaded, info)
 
     def write(target: Path) -> float | None:  # into a sibling folder, swapped in whole: never a half-written export
         target.mkdir(parents=True)
@@ -183,11 +163,10 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
         else:
             loaded.preprocessor.save_pretrained(target)
             (target / "config.json").write_text(json.dumps(
-                {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt,
-                 "task": info.get("task", "classification"), "inputs": list(example_inputs(loaded, 1)),
-                 "outputs": ["logits"]}, indent=2))
+                {"id2label": {str(i): label for i, label in enumerate(labels)}, "format": fmt, "task": info.task,
+                 "inputs": list(example_inputs(loaded, 1)), "outputs": ["logits"]}, indent=2))
             difference = _export_checked(loaded, target, fmt)
-        (target / "tuneforge.json").write_text(json.dumps(info, indent=2))
+        write_model_info(target, info)
         write_model_card(run, source, target, fmt, difference)
         return difference
 

@@ -26,13 +26,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from tuneforge.errors import TuneforgeError
 from tuneforge.config import read_yaml
-
-if TYPE_CHECKING:
-    from tuneforge.use.predictor import Predictor
+from tuneforge.errors import TuneforgeError
+from tuneforge.use.predictor import Predictor
 
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # no token needed
 
@@ -109,7 +105,7 @@ class MicroBatcher:
                 start += len(items)
 
 
-def _run_summary(predictor: "Predictor") -> dict:
+def _run_summary(predictor: Predictor) -> dict:
     """What /metadata says about the model's training, from the run's records when they are there and
     readable (a damaged record leaves its part out; it never stops the server)."""
     run_dir = predictor.folder.parent
@@ -131,11 +127,14 @@ def _run_summary(predictor: "Predictor") -> dict:
     return summary
 
 
-def create_app(predictor: "Predictor", settings: ServeSettings):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
+def _error(code: int, message: str):
     from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    return JSONResponse({"error": message}, status_code=code)
+
+
+def create_app(predictor: Predictor, settings: ServeSettings):
+    from fastapi import FastAPI, Request
 
     batcher = MicroBatcher(predictor.predict, settings.max_batch, settings.max_wait_ms)
     status = {"ready": False, "in_flight": 0}
@@ -144,46 +143,15 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await batcher.start()
-        await batcher.run_alone([_warm_up_input(predictor)])  # the first forward pass is the slow one
+        await batcher.run_alone([predictor.task.warm_up_input(predictor.modality)])  # the first forward pass is slow
         status["ready"] = True
         yield
         await batcher.stop()
 
     app = FastAPI(title="tuneforge model server", lifespan=lifespan,
-                  description=f"{predictor.modality} {predictor.task.name}: {', '.join(predictor.info['label_names'])}")
-
-    def error(code: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=code)
-
-    @app.middleware("http")
-    async def limits(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:  # health checks answer even when the server is busy
-            return await call_next(request)
-        if settings.token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.token}".encode()):
-                return error(401, "missing or wrong bearer token (header Authorization: Bearer TOKEN)")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes}")
-        if status["in_flight"] >= settings.max_concurrent:
-            return error(429, f"{settings.max_concurrent} requests are already in progress; retry shortly")
-        status["in_flight"] += 1
-        try:
-            return await call_next(request)
-        except Exception:  # noqa: BLE001 - never a stack trace to the client
-            return error(500, "internal error while handling the request")
-        finally:
-            status["in_flight"] -= 1
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc):
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, exc):
-        first = exc.errors()[0] if exc.errors() else {}
-        return error(422, f"invalid request: {first.get('msg', 'malformed')} at {'.'.join(map(str, first.get('loc', [])))}")
+                  description=f"{predictor.modality} {predictor.task.name}: {', '.join(predictor.info.label_names)}")
+    _add_limits(app, settings, status)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -191,7 +159,7 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
 
     @app.get("/ready")
     async def ready():
-        return {"ready": True} if status["ready"] else error(503, "warming up")
+        return {"ready": True} if status["ready"] else _error(503, "warming up")
 
     @app.get("/metadata")
     async def metadata():
@@ -204,16 +172,57 @@ def create_app(predictor: "Predictor", settings: ServeSettings):
         try:
             single, items = await _read_inputs(request, predictor, settings)
         except _BadRequest as bad:
-            return error(bad.code, bad.message)
+            return _error(bad.code, bad.message)
         try:
             results = await asyncio.wait_for(batcher.submit(items), settings.timeout_s)
         except asyncio.TimeoutError:
-            return error(504, f"no prediction within {settings.timeout_s:g} s")
+            return _error(504, f"no prediction within {settings.timeout_s:g} s")
         except TuneforgeError as problem:  # a problem only the prediction itself found
-            return error(422, problem.problems[0])
+            return _error(422, problem.problems[0])
         return {"prediction": results[0]} if single else {"predictions": results}
 
     return app
+
+
+def _add_limits(app, settings: ServeSettings, status: dict) -> None:
+    """Every limit answers at once, before any work: token 401, body size 413, requests in flight 429."""
+    from fastapi import Request
+
+    @app.middleware("http")
+    async def limits(request: Request, call_next):
+        if request.url.path in OPEN_PATHS:  # health checks answer even when the server is busy
+            return await call_next(request)
+        if settings.token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.token}".encode()):
+                return _error(401, "missing or wrong bearer token (header Authorization: Bearer TOKEN)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return _error(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes}")
+        if status["in_flight"] >= settings.max_concurrent:
+            return _error(429, f"{settings.max_concurrent} requests are already in progress; retry shortly")
+        status["in_flight"] += 1
+        try:
+            return await call_next(request)
+        except Exception:  # noqa: BLE001 - never a stack trace to the client
+            return _error(500, "internal error while handling the request")
+        finally:
+            status["in_flight"] -= 1
+
+
+def _add_error_handlers(app) -> None:
+    """FastAPI's own errors in the server's one-line form."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        return _error(422, f"invalid request: {first.get('msg', 'malformed')} at {'.'.join(map(str, first.get('loc', [])))}")
 
 
 class _BadRequest(Exception):
@@ -233,7 +242,7 @@ async def _body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings) -> tuple[bool, list]:
+async def _read_inputs(request, predictor: Predictor, settings: ServeSettings) -> tuple[bool, list]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         single, items = False, await _form_inputs(request, predictor, settings.max_inputs)
@@ -255,12 +264,16 @@ async def _read_inputs(request, predictor: "Predictor", settings: ServeSettings)
         items = await asyncio.to_thread(predictor.prepare, items)
     except TuneforgeError as problem:
         raise _BadRequest(422, problem.problems[0]) from None
-    if predictor.modality == "text":
-        for index, item in enumerate(items):
-            texts = list(item.values()) if isinstance(item, dict) else item if predictor.pairs else [item]  # qa: dicts
-            if any(len(text) > settings.max_text_chars for text in texts):
-                raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
+    for index, item in enumerate(items):
+        if any(len(text) > settings.max_text_chars for text in _texts(item)):
+            raise _BadRequest(422, f"input {index} is longer than {settings.max_text_chars} characters")
     return single, items
+
+
+def _texts(item) -> list[str]:
+    """The texts of one prepared input: a text, a [text, pair], or a dict of texts (a question and its context)."""
+    values = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else [item]
+    return [value for value in values if isinstance(value, str)]
 
 
 def _parse_json(body: bytes):
@@ -276,7 +289,7 @@ def _parse_json(body: bytes):
         raise _BadRequest(422, "the body's JSON is nested too deeply") from None
 
 
-async def _form_inputs(request, predictor: "Predictor", limit: int) -> list:
+async def _form_inputs(request, predictor: Predictor, limit: int) -> list:
     """The inputs of a multipart/form-data request: image files under `files`, or texts as plain fields under `texts`."""
     from starlette.exceptions import HTTPException
 
@@ -316,21 +329,9 @@ def _decode_image(item, index: int) -> bytes:
         raise _BadRequest(422, f"input {index} is not valid base64") from None
 
 
-def _warm_up_input(predictor: "Predictor"):
-    if predictor.task.name == "qa":
-        return {"question": "warm up?", "context": "warm up"}
-    if predictor.modality == "text":
-        return ["warm up", "warm up"] if predictor.pairs else "warm up"
-    from PIL import Image
-
-    return Image.new("RGB", (32, 32))
-
-
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           factory=None) -> None:
     import uvicorn
-
-    from tuneforge.use.predictor import Predictor
 
     predictor = Predictor(path, factory)
     app = create_app(predictor, settings or ServeSettings())

@@ -1,51 +1,19 @@
-"""Read task data from files: text tables (CSV/TSV/JSONL/Parquet) and class-per-folder image trees.
-
-Readers never raise on bad content; they return what they found and the problems
-they saw, so the preflight check can report every problem in one go.
-"""
+"""Read examples from files: text tables (CSV/TSV/JSONL/Parquet, label-text lines), class-per-folder image
+trees and image + mask folders. Readers never raise on bad content: problems go into the Split."""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from tuneforge.data.common import Split
 from tuneforge.errors import listing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-
-
-@dataclass
-class Split:
-    """One split of examples as read from disk, before any encoding.
-
-    `rows` holds where each example came from (a file line number, or an image
-    path) so that problems and predictions can point at it.
-    """
-
-    name: str
-    source: str
-    labels: list
-    rows: list[str]
-    texts: list | None = None
-    text_pairs: list | None = None
-    image_paths: list[Path] | None = None
-    problems: list[str] = field(default_factory=list)
-    sizes: list | None = None  # detection: each image's (width, height) as its annotation states it
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def select(self, indices: list[int]) -> Split:
-        pick = lambda values: None if values is None else [values[i] for i in indices]
-        return Split(
-            self.name, self.source, pick(self.labels), pick(self.rows),
-            pick(self.texts), pick(self.text_pairs), pick(self.image_paths), list(self.problems), pick(self.sizes),
-        )
 
 
 def infer_format(path: Path, declared: str) -> str:
@@ -195,7 +163,7 @@ def read_image_split(name: str, root: Path, require_labels: bool = True) -> Spli
 
 def read_mask_split(name: str, root: Path, require_labels: bool = True) -> Split:
     """root/images/<name>.<ext> with root/masks/<name>.png (class index per pixel). An image without a
-    mask gets None (reported by the preflight check); without masks/ at all, the images are inputs to predict."""
+    mask gets None (reported by the segmentation task's check); without masks/ at all, the images are inputs to predict."""
     empty = Split(name, str(root), [], [])
     images_dir = root / "images" if (root / "images").is_dir() else root
     if not root.is_dir():
@@ -216,15 +184,8 @@ def read_mask_split(name: str, root: Path, require_labels: bool = True) -> Split
 
 
 def read_split(name: str, location: str, spec, require_labels: bool = True) -> Split:
+    """A table of texts (or of image paths), or a class-per-folder image tree (or one image)."""
     path = Path(location).expanduser()
-    if spec.format == "image-masks":
-        return read_mask_split(name, path, require_labels)
-    if spec.format in ("boxes-csv", "voc", "coco"):
-        from tuneforge.data.detection import read_detection_split
-
-        if not require_labels:  # inputs to predict: images (a folder of them, or one)
-            return read_image_split(name, path, require_labels=False)
-        return read_detection_split(name, location, spec)
     if infer_format(path, spec.format) == "imagefolder" or path.suffix.lower() in IMAGE_SUFFIXES:
         return read_image_split(name, path, require_labels)
     return read_text_split(name, path, spec, require_labels)

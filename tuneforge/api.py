@@ -1,0 +1,43 @@
+"""tuneforge from Python: the verbs of the command line as plain functions, and the building blocks they are
+made of for code that composes its own run.
+
+    tuneforge.finetune("recipe.yaml", ["train.epochs=1"])   # train: returns the run directory and eval.json
+    tuneforge.load("runs/x").predict([...])                 # a finished model, ready to predict
+    load_model(spec, labels, image_spec, "classification")  # a pretrained model with a task's new head
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneforge.artifacts import model_folder, read_model_info
+from tuneforge.config import DataSpec, ImageSpec, ModelSpec, TaskSpec
+from tuneforge.data.common import TaskData, read_task_data
+from tuneforge.models.factory import Factory
+from tuneforge.models.folder import load_model_folder as load_folder
+from tuneforge.models.loading import LoadedModel
+from tuneforge.tasks.registry import DEFAULT_TASK, get_task
+from tuneforge.training.run import RunResult, finetune
+from tuneforge.use.evaluate import evaluate_run, predict_run
+from tuneforge.use.predictor import Predictor, load, task_of
+
+
+def load_model(spec: ModelSpec, labels: list[str], image_spec: ImageSpec, task: str = DEFAULT_TASK,
+               factory: Factory | None = None) -> LoadedModel:
+    """The pretrained model of `spec` with what task `task` puts on top (a new head for `labels`)."""
+    return get_task(task).load_model(spec, labels, image_spec, factory)
+
+
+def load_model_folder(path: str | Path, factory: str | Factory | None = None) -> tuple[LoadedModel, list[str]]:
+    """A saved model (a run directory or a model folder) and its labels, loaded as its task says."""
+    folder = model_folder(path)
+    return load_folder(folder, task_of(read_model_info(folder), folder), factory)
+
+
+def load_task_data(data_spec: DataSpec, task_spec: TaskSpec) -> TaskData:
+    """A recipe's data, read and checked by its task."""
+    return read_task_data(data_spec, get_task(task_spec.type), task_spec)
+
+
+__all__ = ["Predictor", "RunResult", "evaluate_run", "finetune", "load", "load_model", "load_model_folder",
+           "load_task_data", "predict_run"]
