@@ -66,6 +66,20 @@ def test_every_import_points_down_the_layers():
     assert not upward, "\n".join(sorted(upward))
 
 
+def test_importing_a_module_imports_nothing_above_it_through_its_packages():
+    """Importing tuneforge.tasks.registry runs tuneforge/tasks/__init__.py first: a package's __init__ may
+    import only what every module inside it may (the registry sits on the lowest layer)."""
+    modules = _modules()
+    graph = _imports(modules)
+    upward = []
+    for name in modules:
+        parts = name.split(".")
+        for package in (".".join(parts[:i]) for i in range(2, len(parts))):
+            upward += [f"{name} (layer {_layer(name)}) imports {target} through {package}/__init__.py:{line}"
+                       for target, line in graph.get(package, ()) if _layer(target) > _layer(name)]
+    assert not upward, "\n".join(sorted(set(upward)))
+
+
 def test_no_import_cycles():
     graph = {name: {target for target, _ in targets} for name, targets in _imports(_modules()).items()}
 

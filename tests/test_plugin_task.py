@@ -74,6 +74,11 @@ def test_a_task_from_outside_trains_evaluates_predicts_and_exports_through_the_c
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["mae"] == pytest.approx(result["mae"])
 
+    # A labelled file with a grade the model never learned: refused before anything runs, row named.
+    off_scale = write_tsv(tmp_path / "off.tsv", _rows(6, seed=4) + [("superb film", "5")])
+    refused = _cli("evaluate", str(tmp_path / "run"), "--data", str(off_scale), site=plugin_path, cwd=tmp_path)
+    assert refused.returncode == 2 and "off the model's scale" in refused.stderr and "off.tsv:8" in refused.stderr, refused.stderr
+
     predicted = _cli("predict", str(tmp_path / "run"), "--input", str(data["test"]), "--output", str(tmp_path / "p.csv"),
                      site=plugin_path, cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
@@ -98,3 +103,23 @@ def test_a_task_from_outside_trains_evaluates_predicts_and_exports_through_the_c
     unknown = _cli("predict", str(tmp_path / "run"), "--input", str(data["test"]), "--output", str(tmp_path / "q.csv"),
                    site=None, cwd=tmp_path)
     assert unknown.returncode == 2 and "'ordinal', which is not registered" in unknown.stderr
+
+
+def test_a_broken_plug_in_is_named_in_a_one_line_error(tiny_bert_dir, tmp_path):
+    site = tmp_path / "site"
+    (site / "tuneforge_broken-0.1.dist-info").mkdir(parents=True)
+    (site / "tuneforge_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: tuneforge-broken\n"
+                                                                   "Version: 0.1\n")
+    (site / "tuneforge_broken-0.1.dist-info" / "entry_points.txt").write_text("[tuneforge.tasks]\nbroken = tuneforge_broken\n"
+                                                                          "quiet = tuneforge_quiet\n")
+    (site / "tuneforge_broken.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    (site / "tuneforge_quiet.py").write_text("VALUE = 1  # imports, but registers no task\n")
+    data = {name: write_tsv(tmp_path / f"{name}.tsv", _rows(8, seed=i)) for i, name in enumerate(("train", "validation"))}
+    for name, message in (("broken", "could not be imported (ImportError: needs a library that is not installed)"),
+                          ("quiet", "did not register a task of that name")):
+        recipe = text_recipe(tiny_bert_dir, data, tmp_path / name, epochs=1)
+        recipe["task"] = {"type": name}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        result = _cli("train", str(tmp_path / f"{name}.yaml"), site=site, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and "tuneforge-broken" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / name).exists()

@@ -345,6 +345,95 @@ def test_metrics_of_steps_redone_after_a_resume_appear_once(tiny_bert_dir, unint
     resumed = finetune(recipe, resume=True)
     steps = [r["step"] for r in _records(resumed.run_dir, "train")]
     assert steps == sorted(set(steps)) and 8 in steps  # step 8 was logged twice: once by each attempt
-    assert _records(resumed.run_dir, "resume")[-1]["dropped_records"] == 1
+    # step 8's record, and the first attempt's parameter and data summaries (the second writes its own)
+    assert _records(resumed.run_dir, "resume")[-1]["dropped_records"] == 3
+    assert len(_records(resumed.run_dir, "parameters")) == len(_records(resumed.run_dir, "data")) == 1
     evaluated = [r["step"] for r in _records(resumed.run_dir, "eval")]
     assert evaluated == sorted(set(evaluated))
+
+
+def test_a_kill_while_a_step_is_saved_again_keeps_that_step(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    """The same step is saved twice (a periodic save, then the epoch end): the first stays until the second is in
+    place, so a kill between the two renames leaves it where resume finds it."""
+    from tuneforge.training import checkpoint
+
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 6)  # checkpoints at steps 3 and 6
+    folder = tmp_path / "run" / "checkpoints" / "step-00000006"
+    first = (folder / "state.json").read_text()
+    real_rename = os.rename
+
+    def killed_before_the_new_one_lands(source, target):
+        if str(source).endswith(".step-00000006.partial"):
+            raise KeyboardInterrupt  # as a kill at this moment would: the old one moved aside, the new one not in place
+        real_rename(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "rename", killed_before_the_new_one_lands)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(folder.parent, model, optimizer, scheduler, None, checkpoint.TrainState(step=6), keep=5)
+    monkeypatch.undo()
+    assert [c.name for c in complete_checkpoints(folder.parent)] == ["step-00000003", "step-00000006"]
+    assert (folder / "state.json").read_text() == first
+
+
+@pytest.mark.parametrize("damage", ["rng-without-torch", "python-state", "scheduler-null", "epoch-text",
+                                    "negative-step", "optimizer-list", "optimizer-without-state"])
+def test_checkpoint_contents_that_parse_but_are_wrong_count_as_damaged(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                       monkeypatch, damage):
+    from safetensors.torch import save_file
+
+    data, expected = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
+    newest = tmp_path / "run" / "checkpoints" / "step-00000006"
+
+    def edit_state(**changes):
+        def change(path):
+            path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        return change
+
+    name, change = {
+        "rng-without-torch": ("rng.safetensors", lambda path: save_file({"other": torch.zeros(2)}, str(path))),
+        "python-state": ("state.json", edit_state(python="x")),
+        "scheduler-null": ("state.json", edit_state(scheduler=None)),
+        "epoch-text": ("state.json", edit_state(epoch="a")),
+        "negative-step": ("state.json", edit_state(step=-5)),
+        "optimizer-list": ("optimizer.pt", lambda path: torch.save([1, 2], path)),
+        "optimizer-without-state": ("optimizer.pt", lambda path: torch.save({"param_groups": []}, path)),
+    }[damage]
+    if name == "state.json":
+        change(newest / name)
+    else:
+        _refit(newest, name, change)
+    resumed = finetune(recipe, resume=True)
+    assert _records(resumed.run_dir, "skipped_checkpoint")[0]["path"] == "checkpoints/step-00000006"
+    assert _records(resumed.run_dir, "resume")[-1]["step"] == 3
+    assert _same(_final_weights(resumed.run_dir), expected)
+
+
+def test_a_resume_without_a_usable_checkpoint_starts_the_records_afresh(tiny_bert_dir, uninterrupted, tmp_path,
+                                                                        monkeypatch):
+    data, _ = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **{**SETTINGS, "checkpoint_every_steps": 100})
+    _interrupted_run(recipe, monkeypatch, 4)  # killed before any checkpoint
+    resumed = finetune(recipe, resume=True)
+    steps = [r["step"] for r in _records(resumed.run_dir, "train")]
+    assert steps == sorted(set(steps))
+    assert len(_records(resumed.run_dir, "parameters")) == len(_records(resumed.run_dir, "data")) == 1
+    assert [r["step"] for r in _records(resumed.run_dir, "stage")] == [0]
+
+
+def test_a_run_directory_left_by_a_kill_while_its_recipe_was_written_is_usable(tiny_bert_dir, uninterrupted,
+                                                                                tmp_path):
+    """recipe.yaml is written under a temporary name and renamed: a kill leaves only the temporary file, and the
+    next start (without --overwrite) takes the folder as the empty one it was."""
+    data, _ = uninterrupted
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".recipe.yaml.partial").write_text("model: {na")
+    result = finetune(text_recipe(tiny_bert_dir, data, run, **{**SETTINGS, "epochs": 1}))
+    assert (result.run_dir / "eval.json").is_file() and not (run / ".recipe.yaml.partial").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -297,3 +298,115 @@ def test_absurd_values_are_recipe_errors_before_any_folder_exists(tiny_bert_dir,
     err = _error_of(["train", str(recipe), override, "--output-dir", str(tmp_path / "run")], capsys)
     assert override.split("=")[0] in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- found by the second review
+
+def test_remote_code_in_a_model_folder_never_runs_even_when_stdin_says_yes(small_text_run, tmp_path):
+    """A folder whose config.json points transformers at its own Python file: tuneforge never asks whether to run
+    it (a `yes` piped into the command would answer) and never runs it."""
+    run = _copy(small_text_run[0].run_dir, tmp_path / "run")
+    config_file = run / "model" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("model_type", None)
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForSequenceClassification": "configuration_evil.EvilModel"}
+    config_file.write_text(json.dumps(config))
+    marker = tmp_path / "PWNED"
+    (run / "model" / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    data = small_text_run[1]["test"]
+    for verb in (["predict", str(run), "--input", str(data), "--output", str(tmp_path / "p.jsonl")],
+                 ["evaluate", str(run), "--data", str(data)], ["inspect", str(run)],
+                 ["export", str(run), "--format", "hf", "--output", str(tmp_path / "x")]):
+        done = subprocess.run([sys.executable, "-m", "tuneforge", *verb], input="y\n" * 20, capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (verb, done.stderr[-2000:])
+        assert "Do you wish to run" not in done.stdout + done.stderr  # no question asked
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["no-tokenizer", "nan-weights", "whole-number-weights", "same-names-other-shapes"])
+def test_a_model_that_loads_but_cannot_be_the_trained_one_is_refused(small_text_run, tmp_path, damage):
+    from safetensors.torch import load_file
+
+    run = _copy(small_text_run[0].run_dir, tmp_path / "run")
+    model = run / "model"
+    weights = load_file(str(model / "model.safetensors"))
+    if damage == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+            (model / name).unlink(missing_ok=True)
+        expected = "tokenizer"
+    elif damage == "nan-weights":
+        weights["classifier.weight"] = torch.full_like(weights["classifier.weight"], float("nan"))
+        expected = "NaN or infinite values in classifier.weight"
+    elif damage == "whole-number-weights":
+        weights = {k: v.to(torch.int64) if v.is_floating_point() else v for k, v in weights.items()}
+        expected = "whole-number tensors"
+    else:
+        weights["classifier.weight"] = torch.zeros(7, weights["classifier.weight"].shape[1])
+        weights["classifier.bias"] = torch.zeros(7)
+        expected = "wrong shape 2: classifier.bias (7,) instead of (2,), classifier.weight (7, 32) instead of (2, 32)"
+    if damage != "no-tokenizer":
+        save_file(weights, str(model / "model.safetensors"))
+    with pytest.raises(ModelError, match=re.escape(expected)):
+        tuneforge.load(run)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"data": {"format": "nope"}}, "data.format"),
+    ({"max_length": None}, "max_length"),
+    ({"label_values": ["0"], "label_names": ["negative"]}, "the model has 2 outputs but tuneforge.json names 1 labels, for 1 outputs"),
+    ({"task": "bogus"}, "'bogus', which is not registered"),
+    ({"task_state": {"threshold": "high"}, "task": "multilabel"}, "task's settings or state are damaged"),
+])
+def test_a_model_description_that_parses_but_does_not_fit_is_a_one_line_error(small_text_run, tmp_path, capsys,
+                                                                               change, expected):
+    run = _copy(small_text_run[0].run_dir, tmp_path / "run")
+    path = run / "model" / "tuneforge.json"
+    info = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
+    data = small_text_run[1]["test"]
+    for verb in (["predict", str(run), "--input", str(data), "--output", str(tmp_path / "p.jsonl")],
+                 ["evaluate", str(run), "--data", str(data)], ["serve", str(run), "--port", "1"],
+                 ["export", str(run), "--format", "hf", "--output", str(tmp_path / "x")]):
+        err = _error_of(verb, capsys)
+        assert expected in err and len(err.strip().splitlines()) == 2, err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("name=[&a [l,l,l,l,l,l,l,l,l], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+     "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], "
+     "&g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]]", "aliases"),
+    ("train.seed=[unclosed", "not valid YAML"),
+    ("name=!!python/object/apply:os.system ['touch PWNED']", "not valid YAML"),
+    ("train.seed=" + "[" * 30000 + "]" * 30000, "nested too deeply"),
+    ("output.dir=/tmp/x/{name:>999999999}", "without a format or conversion"),
+    ("train.batch_size=true", "true or false is not a value"),
+    ("optim.betas=[0.9, 2.0]", "optim.betas"),
+    ("optim.eps=.inf", "finite number"),
+    ("optim.weight_decay=1e30", "optim.weight_decay"),
+])
+def test_hostile_or_absurd_override_values_are_recipe_errors(tiny_bert_dir, text_data, tmp_path, capsys, monkeypatch,
+                                                             override, expected):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(text_recipe(tiny_bert_dir, text_data, tmp_path / "unused")))
+    started = time.perf_counter()
+    err = _error_of(["train", str(recipe), override, "--output-dir", str(tmp_path / "run")], capsys)
+    assert expected in err and time.perf_counter() - started < 30 and len(err) < 3000
+    assert not (tmp_path / "run").exists() and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"sentence": ' + "[" * 100_000 + "]" * 100_000 + ', "label": 1}', "line 2 cannot be read (RecursionError"),
+    ('{"sentence": "good", "label": ' + "9" * 5000 + "}", "line 2 cannot be read (ValueError"),
+    ('{"sentence": {"a": [1]}, "label": 1}', "are lists or objects, not texts"),
+])
+def test_jsonl_cells_that_are_not_what_they_seem_are_data_errors(tiny_bert_dir, text_data, tmp_path, capsys, line,
+                                                                 expected):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"sentence": "good movie", "label": 1}\n' + line + "\n")
+    raw = text_recipe(tiny_bert_dir, {**text_data, "train": train}, tmp_path / "unused")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    err = _error_of(["train", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "run")], capsys)
+    assert expected in err and len(err) < 3000, err

@@ -243,3 +243,41 @@ def test_a_file_under_texts_or_a_text_under_files_is_422(text_server, image_serv
     message = one_line_error(post_form(image_server, [("files", "a.png", image), ("files", None, b"good")]), 422)
     assert "input 1" in message and "file" in message
     assert post_form(text_server, [("texts", None, b"good")])[0] == 200
+
+
+def test_a_decompression_bomb_is_422(image_server):
+    """A 48 KB PNG of 20000 x 20000 pixels: PIL refuses to decode it, and that is the client's problem, not a 500."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG")
+    bomb = buffer.getvalue()
+    message = one_line_error(call(image_server, "POST", "/predict", {"inputs": [base64.b64encode(bomb).decode()]}), 422)
+    assert "input 0 is not a readable image" in message and "DecompressionBomb" in message
+    assert one_line_error(post_form(image_server, [("files", "bomb.png", bomb)]), 422)
+    assert call(image_server, "POST", "/predict", {"inputs": []})[0] == 422  # and the server goes on
+
+
+def test_a_body_that_never_arrives_times_out_and_frees_its_place(small_text_run):
+    """A client that announces a body and sends one byte of it would hold a place in flight for ever: after
+    --timeout it gets 408 and its place is free again, so slow clients cannot lock everyone out."""
+    with server(small_text_run[0].run_dir, "--timeout", "2", "--max-concurrent", "2") as port:
+        stalled = []
+        for _ in range(2):  # every place in flight taken by a stalled body
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            stalled.append(sock)
+        time.sleep(0.5)
+        assert call(port, "POST", "/predict", {"inputs": ["good"]})[0] == 429
+        for sock in stalled:
+            sock.settimeout(10)
+            answer = b""
+            while b"did not arrive" not in answer and (chunk := sock.recv(4096)):  # headers and body may come apart
+                answer += chunk
+            answer = answer.decode()
+            assert answer.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in answer
+            sock.close()
+        assert call(port, "POST", "/predict", {"inputs": ["good"]})[0] == 200

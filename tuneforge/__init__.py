@@ -5,10 +5,10 @@
     @tuneforge.register_task                                  # a task of your own (docs/architecture.md)
 """
 
+from tuneforge.api import finetune, load
 from tuneforge.config import Recipe, load_recipe
 from tuneforge.errors import DataError, ModelError, RecipeError, ResumeError, TuneforgeError
 from tuneforge.tasks import builtin as _builtin_tasks  # noqa: F401  (registers tuneforge's own tasks)
-from tuneforge.api import finetune, load
 from tuneforge.tasks.base import Task
 from tuneforge.tasks.registry import register_task
 

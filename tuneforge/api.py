@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneforge.artifacts import model_folder, read_model_info
+from tuneforge.artifacts import model_folder
 from tuneforge.config import DataSpec, ImageSpec, ModelSpec, TaskSpec
 from tuneforge.data.common import TaskData, read_task_data
 from tuneforge.models.factory import Factory
-from tuneforge.models.folder import load_model_folder as load_folder
 from tuneforge.models.loading import LoadedModel
 from tuneforge.tasks.registry import DEFAULT_TASK, get_task
 from tuneforge.training.run import RunResult, finetune
 from tuneforge.use.evaluate import evaluate_run, predict_run
-from tuneforge.use.predictor import Predictor, load, task_of
+from tuneforge.use.predictor import Predictor, load, load_saved
 
 
 def load_model(spec: ModelSpec, labels: list[str], image_spec: ImageSpec, task: str = DEFAULT_TASK,
@@ -29,9 +28,9 @@ def load_model(spec: ModelSpec, labels: list[str], image_spec: ImageSpec, task: 
 
 
 def load_model_folder(path: str | Path, factory: str | Factory | None = None) -> tuple[LoadedModel, list[str]]:
-    """A saved model (a run directory or a model folder) and its labels, loaded as its task says."""
-    folder = model_folder(path)
-    return load_folder(folder, task_of(read_model_info(folder), folder), factory)
+    """A saved model (a run directory or a model folder) and its label names, loaded as its task says."""
+    info, loaded, _ = load_saved(model_folder(path), factory)
+    return loaded, info.label_names
 
 
 def load_task_data(data_spec: DataSpec, task_spec: TaskSpec) -> TaskData:

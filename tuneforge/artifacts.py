@@ -22,9 +22,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tuneforge.config import read_yaml
+from tuneforge.config import DataSpec, read_yaml
 from tuneforge.errors import ModelError, TuneforgeError, first_line
-from tuneforge.tasks.registry import DEFAULT_TASK
+from tuneforge.tasks.registry import DEFAULT_TASK, find_task, task_names
 
 MODEL_DIR, CHECKPOINT_DIR, MERGED_DIR, FEATURE_CACHE_DIR = "model", "checkpoints", "model-merged", "feature_cache"
 RECIPE_FILE, METRICS_FILE, EVAL_FILE, INFO_FILE = "recipe.yaml", "metrics.jsonl", "eval.json", "tuneforge.json"
@@ -64,12 +64,18 @@ def read_model_info(folder: Path) -> ModelInfo:
     if not isinstance(version, int) or version > INFO_VERSION:
         raise ModelError([f"{path} was written by a newer tuneforge (format version {version}; this one reads up to "
                           f"{INFO_VERSION}): upgrade tuneforge to load it"])
+    info = _validated(path, ModelInfo, _from_version_1(raw) if version == 1 else raw, where=())
+    _validated(path, DataSpec, info.data, where=("data",))  # read by every verb that reads new inputs
+    return info
+
+
+def _validated(path: Path, model: type, raw: dict, where: tuple):
     try:
-        return ModelInfo.model_validate(_from_version_1(raw) if version == 1 else raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         problem = error.errors()[0]
-        raise ModelError([f"{path} is not a valid tuneforge model description: {'.'.join(map(str, problem['loc']))}: "
-                          f"{problem['msg']}"]) from None
+        raise ModelError([f"{path} is not a valid tuneforge model description: "
+                          f"{'.'.join(map(str, where + problem['loc']))}: {problem['msg']}"]) from None
 
 
 GENERIC_V1_KEYS = {"task", "modality", "label_values", "label_names", "max_length", "data", "task_settings"}
@@ -83,6 +89,16 @@ def _from_version_1(raw: dict) -> dict:
             "label_values": raw.get("label_values") or [], "label_names": raw.get("label_names") or [],
             "max_length": raw.get("max_length"), "data": raw.get("data") or {},
             "task_settings": {"type": task, **(raw.get("task_settings") or {})}, "task_state": state}
+
+
+def task_of(info: ModelInfo, folder: Path) -> type:
+    """The registered task a saved model names (tuneforge's own, an installed plug-in's, or one the user's code
+    registered, or an installed plug-in whose entry point has that name): the name is looked up, never imported."""
+    task_class = find_task(info.task)
+    if task_class is None:
+        raise ModelError([f"{folder} holds a model of the task {info.task!r}, which is not registered here (known: "
+                          f"{', '.join(task_names())}); install or import the package that registers it"])
+    return task_class
 
 
 def write_model_info(folder: Path, info: ModelInfo) -> None:
@@ -114,10 +130,15 @@ def run_of(folder: Path) -> Path | None:
 
 # ---------------------------------------------------------------- writing without half-written files
 
-def write_json_atomic(path: Path, content) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename into place: a reader (or a resume) never sees half of it."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(content, indent=2))
+    partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_json_atomic(path: Path, content) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2))
 
 
 def replace_folder(folder: Path, write):
@@ -148,6 +169,11 @@ def _own_names(entries: tuple[str, ...]) -> set[str]:
 def foreign_entries(folder: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
     """Names in `folder` that tuneforge did not write there."""
     return sorted(path.name for path in folder.iterdir() if path.name not in _own_names(entries))
+
+
+def leftovers_only(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what a killed first write leaves (.recipe.yaml.partial, ...)."""
+    return all(path.name in _own_names(RUN_ENTRIES) - set(RUN_ENTRIES) for path in folder.iterdir())
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -208,18 +234,20 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def drop_redone_records(metrics: Path, step: int) -> int:
-    """Before a run resumes from `step`: drop the records of later steps (and the final results), which the
-    interrupted attempt wrote and the resumed one writes again, so a reader sees every step once. The file is
-    rewritten atomically; returns how many records were dropped."""
+    """Before a run resumes from `step` (0: from scratch): drop what the resumed attempt writes again, so a reader
+    sees every step once and every run fact once: the records of later steps, the stage in effect at `step`,
+    the final results, and what each attempt records when it starts (parameters, data). The
+    file is rewritten atomically; returns how many records were dropped."""
     if not metrics.is_file():
         return 0
     lines = metrics.read_text().splitlines(keepends=True)
     kept = [line for line in lines if not _redone(line, step)]
     if len(kept) != len(lines):
-        partial = metrics.with_name(f".{metrics.name}.partial")
-        partial.write_text("".join(kept))
-        os.replace(partial, metrics)
+        write_text_atomic(metrics, "".join(kept))
     return len(lines) - len(kept)
+
+
+PER_ATTEMPT = ("final", "parameters", "data")  # records every attempt of a run writes anew, after its resume
 
 
 def _redone(line: str, step: int) -> bool:
@@ -227,5 +255,8 @@ def _redone(line: str, step: int) -> bool:
         record = json.loads(line)
     except ValueError:  # not ours to judge: keep it
         return False
-    return isinstance(record, dict) and (record.get("type") == "final" or
-                                         (isinstance(record.get("step"), int) and record["step"] > step))
+    if not isinstance(record, dict):
+        return False
+    at = record.get("step")
+    return (record.get("type") in PER_ATTEMPT or (isinstance(at, int) and at > step)
+            or (record.get("type") == "stage" and at == step))

@@ -47,22 +47,31 @@ class OrdinalTask(LabelTask):
         return labels, list(spec.label_names or labels)
 
     @classmethod
+    def check_known(cls, split, info) -> list[str]:
+        unknown = [row for row, value in zip(split.rows, split.labels) if label_key(value) not in info.label_values]
+        return [f"{split.name}: label(s) off the model's scale {info.label_values} at {rows_listing(unknown)}"] if unknown else []
+
+    @classmethod
     def encode_targets(cls, values, labels, data_spec) -> list:
         return [float(labels.index(label_key(value))) for value in values]
 
     # ---------------------------------------------------------------- the model: one output, the position
 
     @classmethod
+    def head_labels(cls, labels):
+        return ["position"]
+
+    @classmethod
     def load_model(cls, model_spec, labels, image_spec, factory=None):
-        return super().load_model(model_spec, ["position"], image_spec, factory)
+        return super().load_model(model_spec, cls.head_labels(labels), image_spec, factory)
 
     @classmethod
     def for_run(cls, recipe, data, preprocessor):
-        return cls(data.label_names)._bind(recipe.model.max_length, recipe.data)
+        return cls(data.label_names).configured(recipe.model.max_length, recipe.data)
 
     @classmethod
     def from_info(cls, info, preprocessor):
-        return cls(info.label_names)._bind(info.max_length, DataSpec(**info.data))
+        return cls(info.label_names).configured(info.max_length, DataSpec(**info.data))
 
     def positions(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().squeeze(-1).round().clamp(0, len(self.label_names) - 1).long()

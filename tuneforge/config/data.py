@@ -11,6 +11,7 @@ from tuneforge.config.base import Section
 from tuneforge.config.model import ImageSpec
 from tuneforge.limits import MAX_SEED
 
+
 class _Spec(Section):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -106,13 +106,22 @@ def _expanded_size(value, limit: int) -> int:
 def read_yaml(path: Path, what: str = "recipe"):
     """A YAML file as plain data: safe types only, no duplicate keys, aliases expanding to a bounded size."""
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
         raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+    return parse_yaml(text, str(path), what)
+
+
+def parse_yaml(text: str, where: str, what: str = "recipe"):
+    """YAML text (a file's, or an override's value) as plain data, with read_yaml's checks."""
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as error:
+        raise RecipeError([f"{where}: not valid YAML: {error}"]) from None
     except RecursionError:
-        raise RecipeError([f"{path}: the {what} is nested too deeply to read"]) from None
+        raise RecipeError([f"{where}: the {what} is nested too deeply to read"]) from None
     if _expanded_size(data, MAX_RECIPE_SIZE) > MAX_RECIPE_SIZE:
-        raise RecipeError([f"{path}: the {what} grows past {MAX_RECIPE_SIZE:,} characters once its YAML aliases "
+        raise RecipeError([f"{where}: the {what} grows past {MAX_RECIPE_SIZE:,} characters once its YAML aliases "
                            "(*name) are expanded; write it out without repeated aliases"])
     return data
 
@@ -142,7 +151,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text, f"override {override!r}", "value") if text.strip() else None
             last = keys[-1]
             if isinstance(node, list):
                 if not last.isdigit() or int(last) >= len(node):

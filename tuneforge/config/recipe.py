@@ -16,7 +16,8 @@ from tuneforge.config.base import Section
 from tuneforge.config.data import DataSpec
 from tuneforge.config.model import AdapterSpec, ModelSpec
 from tuneforge.config.training import EvalSpec, OptimSpec, OutputSpec, TrainSpec
-from tuneforge.tasks.registry import DEFAULT_TASK, TASK_TYPES_HELP, get_task, task_names
+from tuneforge.tasks.registry import DEFAULT_TASK, TASK_TYPES_HELP, find_task, get_task, task_names
+
 
 class TaskSpec(Section):
     """The recipe's `task` section: which task, and for tasks with classes their order and names. A task's
@@ -49,6 +50,15 @@ class TaskSpec(Section):
         return self
 
 
+def _without_defaults_of_other_tasks(section: dict, spec: type[TaskSpec]) -> dict:
+    """The task section without settings of other tasks that only repeat their defaults: a recipe.yaml saved
+    before each task had its own settings lists every task's. A setting of another task with a value of its own
+    stays, and is reported."""
+    defaults = {name: field.default for other in task_names() for name, field in find_task(other).Spec.model_fields.items()
+                if name not in spec.model_fields}
+    return {key: value for key, value in section.items() if key not in defaults or value != defaults[key]}
+
+
 TASK_DATA_KEYS = ("target_column", "source_language", "target_language", "prompt_column", "response_column",
                   "test_fraction")  # data settings only some tasks read (each task's `data_keys` says which)
 
@@ -79,11 +89,15 @@ class Recipe(Section):
     def _task_spec(cls, value, handler):
         """The task section is validated by its own task's Spec: its settings, and only its settings."""
         if isinstance(value, TaskSpec):
-            return value
+            value = value.model_dump(exclude_unset=True) | {"type": value.type}
         kind = value.get("type", DEFAULT_TASK) if isinstance(value, dict) else None
         if not isinstance(kind, str):
             return handler(value)  # not a mapping, or no usable type: the base spec reports it
-        return get_task(kind).Spec.model_validate(value)
+        task = find_task(kind)
+        if task is None:  # a ValueError, so pydantic reports it beside every other problem of the recipe
+            raise ValueError(f"{kind!r} is not a known task; known: {', '.join(task_names())} (a task of your own "
+                             "registers with @tuneforge.register_task or a `tuneforge.tasks` entry point)")
+        return task.Spec.model_validate(_without_defaults_of_other_tasks(value, task.Spec))
 
     @model_validator(mode="after")
     def _task_fits(self) -> Recipe:

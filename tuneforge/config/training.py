@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import string
 from itertools import pairwise
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -112,10 +113,11 @@ class OptimSpec(Section):
     group_lr: dict[str, float] = Field(default_factory=dict,
                                        description="differential: learning rate per group selector, e.g. {backbone: 1e-5, head: 1e-3}")
     layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="layerwise_decay: LR factor per block from the top")
-    l2sp: float = Field(0.0, ge=0.0, description="L2-SP strength: penalty alpha/2 * |w - w_pretrained|^2 on trained pretrained weights")
-    weight_decay: float = Field(0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    l2sp: float = Field(0.0, ge=0.0, le=1e6,
+                        description="L2-SP strength: penalty alpha/2 * |w - w_pretrained|^2 on trained pretrained weights")
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec,
                                    description="LR schedule with warmup, e.g. {name: cosine, warmup_ratio: 0.1}")
 
@@ -155,13 +157,14 @@ class OutputSpec(Section):
     @field_validator("dir")
     @classmethod
     def _placeholders(cls, value: str) -> str:
-        import string
-
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(value)
+                      if field is not None]
         except ValueError as error:
             raise ValueError(f"not a valid folder pattern ({error})") from None
-        unknown = [field for field in fields if field != "name"]
+        unknown = [field for field, _, _ in fields if field != "name"]
         if unknown:
             raise ValueError(f"unknown placeholder(s) {', '.join('{' + f + '}' for f in unknown)}; only {{name}} exists")
+        if any(spec or conversion for _, spec, conversion in fields):  # {name:>99999999} would pad without end
+            raise ValueError("write the placeholder as {name}, without a format or conversion")
         return value

@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from tuneforge.config.data import AugmentSpec
 
 
-
-
 def geometric_transform(degrees=0.0, translate=None, scale=None, shear=None) -> K.RandomAffine:
     """One RandomAffine for every geometric op, always applied (the ranges contain the identity).
 

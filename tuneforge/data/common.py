@@ -102,11 +102,15 @@ def rows_listing(rows: list[str]) -> str:
 # ---------------------------------------------------------------- checks every reader shares
 
 def check_texts(split: Split, column: str, values: list) -> list[str]:
+    """Every text present and non-empty, and text: a JSON list or object in a text column is not a text."""
     bad = [row for row, value in zip(split.rows, values) if missing(value) or not str(value).strip()]
-    if not bad:
-        return []
-    return [f"{split.name}: {len(bad)} empty or missing value(s) in column '{column}' at {rows_listing(bad)}; "
-            "fill or remove those rows"]
+    structured = [row for row, value in zip(split.rows, values) if isinstance(value, (dict, list, tuple))]
+    problems = [f"{split.name}: {len(bad)} empty or missing value(s) in column '{column}' at {rows_listing(bad)}; "
+                "fill or remove those rows"] if bad else []
+    if structured:
+        problems.append(f"{split.name}: {len(structured)} value(s) in column '{column}' are lists or objects, not "
+                        f"texts, at {rows_listing(structured)}")
+    return problems
 
 
 def _readable(path: Path) -> str | None:

@@ -15,7 +15,22 @@ from torch.utils.data import Dataset
 from tuneforge.data.common import Split
 
 
-class TextDataset(Dataset):
+class ExampleDataset(Dataset):
+    """What the loaders, the memory probe and the feature cache may ask of any task's dataset: examples as dicts,
+    `collate` to a batch {"inputs", "labels", "index", ...}, and three things with defaults."""
+
+    decodes_images = False  # its examples decode images: loader worker processes help
+    notes: tuple[str, ...] | list[str] = ()  # what building it found worth saying (e.g. texts cut to the limit)
+
+    def lengths(self) -> list[int] | None:
+        """Each example's length in tokens (batches group examples of similar length), or None."""
+        return None
+
+    def collate(self, items: list[dict]) -> dict:
+        raise TypeError(f"{type(self).__name__} defines no collate")
+
+
+class TextDataset(ExampleDataset):
     """Tokenised once, up front, into flat int32 arrays (4 bytes a token instead of a Python list per
     example) that live in memory-mapped temporary files: pages the OS can drop and re-read, not memory
     the process holds, so the training set's size does not set the memory a run needs. Padding happens
@@ -94,7 +109,7 @@ def load_rgb(path) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageDataset(Dataset):
+class ImageDataset(ExampleDataset):
     """Images are decoded when a batch asks for them (once per epoch at most)."""
 
     decodes_images = True  # loader_workers gives it worker processes
@@ -120,7 +135,7 @@ class ImageDataset(Dataset):
         }
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(ExampleDataset):
     """Image + mask pairs: the image through the model's processor, the mask resized to the same size
     with nearest-neighbour sampling (class indices must never be blended)."""
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from tuneforge.data.common import Split
-from tuneforge.data.datasets import load_rgb
+from tuneforge.data.datasets import ExampleDataset, load_rgb
 
 CSV_COLUMNS = ("filename", "class", "xmin", "ymin", "xmax", "ymax")  # width and height are read when present
 
@@ -128,7 +127,7 @@ def box_problems(split: Split, labels: list[str] | None) -> list[tuple[int, str]
     return found
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(ExampleDataset):
     """Images resized to the processor's square size; boxes normalised to (cx, cy, w, h) in [0, 1], the
     form Hugging Face detection models take as `labels`. With `augment`, flips, shifts and zooms move
     the boxes with the pixels (kornia), and boxes pushed out of the image are clipped or dropped."""

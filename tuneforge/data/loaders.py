@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tuneforge.data.datasets import ExampleDataset
+
 
 class EpochBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch).
@@ -76,7 +78,7 @@ def loader_workers(setting: int | str, dataset: Dataset) -> int:
     training); text is tokenised up front and cached features are already decoded, so workers would only add IPC."""
     if setting != "auto":
         return setting
-    if not getattr(dataset, "decodes_images", False):
+    if not dataset.decodes_images:
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
@@ -98,8 +100,9 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int | str, sampl
     return DataLoader(dataset, batch_size=batch_size, sampler=length_order(dataset), **options)
 
 
-def length_order(dataset: Dataset) -> list[int]:
+def length_order(dataset: ExampleDataset) -> list[int]:
     """Example indices, shortest first for text (stable, so equal lengths keep their order); as is otherwise."""
-    if not hasattr(dataset, "lengths"):
+    lengths = dataset.lengths()
+    if lengths is None:
         return list(range(len(dataset)))
-    return np.argsort(np.asarray(dataset.lengths()), kind="stable").tolist()
+    return np.argsort(np.asarray(lengths), kind="stable").tolist()

@@ -16,6 +16,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+TABLES = ("csv", "tsv", "jsonl", "parquet")
+
+
+def table_format(path: Path, declared: str) -> str:
+    """A table's format: the declared one, or by its name (.csv, .tsv, .parquet; JSON lines otherwise)."""
+    if declared in TABLES:
+        return declared
+    return {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+
+
 def infer_format(path: Path, declared: str) -> str:
     if declared != "auto":
         return declared
@@ -128,6 +138,8 @@ def _bad_json_line(path: Path) -> str | None:
                 json.loads(line)
             except json.JSONDecodeError as error:
                 return f"line {number} is not valid JSON ({error.msg}, column {error.colno})"
+            except (ValueError, RecursionError) as error:  # a number past Python's digit limit; nesting too deep
+                return f"line {number} cannot be read ({type(error).__name__}: {str(error)[:80]})"
     return None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tuneforge.data.common import Split, missing
 from tuneforge.data.qa import check_examples, read_squad
-from tuneforge.data.tables import not_text, read_table
+from tuneforge.data.tables import not_text, read_table, table_format
 from tuneforge.errors import listing
 
 
@@ -68,27 +68,26 @@ def read_lines(name: str, where: str, spec) -> Split:
                  texts=[line for _, line in kept])
 
 
-def read_columns(name: str, where: str, spec, wanted: dict[str, str]) -> tuple[dict[str, list], list[str], Split | None]:
-    """The columns `wanted` ({column: what it holds}) of a table, with each row's place in the file; or an empty
-    Split carrying the problems (a missing file, an unreadable table, absent columns)."""
+def read_columns(name: str, where: str, spec, wanted: dict[str, str]) -> tuple[dict[str, list], list[str], list[str]]:
+    """The columns `wanted` ({column: what it holds}) of a table, each row's place in the file, and the problems
+    that stopped the reading (a missing file, an unreadable table, absent columns): empty when it worked."""
     path = Path(where)
     if not path.is_file():
-        return {}, [], Split(name, where, [], [], texts=[], problems=[f"{name}: file {where} not found"])
-    fmt = spec.format if spec.format != "auto" else {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(
-        path.suffix.lower(), "jsonl")
+        return {}, [], [f"{name}: file {where} not found"]
+    fmt = table_format(path, spec.format)
     try:
         frame = read_table(path, fmt, spec.columns, spec.encoding)
     except UnicodeDecodeError:
-        return {}, [], Split(name, where, [], [], texts=[], problems=[not_text(name, path, spec.encoding)])
+        return {}, [], [not_text(name, path, spec.encoding)]
     except Exception as error:  # pandas raises many kinds for a malformed file
-        return {}, [], Split(name, where, [], [], texts=[], problems=[f"{name}: cannot read {where} as {fmt} ({error})"])
+        return {}, [], [f"{name}: cannot read {where} as {fmt} ({error})"]
     absent = [f"{name}: {path} has no column '{column}' ({what}); its columns are {listing(map(str, frame.columns))}"
               for column, what in wanted.items() if column not in frame.columns]
     if absent:
-        return {}, [], Split(name, where, [], [], texts=[], problems=absent)
+        return {}, [], absent
     first_row = 2 if fmt in ("csv", "tsv") and not spec.columns else 1  # the file's own line numbers
     columns = {column: [None if missing(v) else v for v in frame[column].tolist()] for column in wanted}
-    return columns, [f"{path.name}:{i + first_row}" for i in range(len(frame))], None
+    return columns, [f"{path.name}:{i + first_row}" for i in range(len(frame))], []
 
 
 def read_qa_split(name: str, where: str, require_answers: bool) -> tuple[Split, list[str]]:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from tuneforge.data.common import Split, rows_listing
-from tuneforge.data.datasets import load_rgb
+from tuneforge.data.datasets import ExampleDataset, load_rgb
 from tuneforge.data.qa import MAX_QUESTION_TOKENS, prepare_features
 from tuneforge.data.tokens import IGNORE, pad_id, pad_rows, token_batch, tokenise, window_inputs, with_eos
 from tuneforge.errors import RecipeError
 
 
-class Seq2SeqDataset(Dataset):
+class Seq2SeqDataset(ExampleDataset):
     """Source ids and target ids per pair; the targets' padding becomes -100 so the loss skips it.
     `references` are the raw target texts (captioning: every caption of the same image), for the metrics."""
 
@@ -40,7 +39,7 @@ class Seq2SeqDataset(Dataset):
                            [item["index"] for item in items], pad_id(self.tokenizer))
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(ExampleDataset):
     """Images decoded per batch, captions tokenised once; every caption of an image is a reference for it."""
 
     decodes_images = True
@@ -68,7 +67,7 @@ class CaptionDataset(Dataset):
                 "index": torch.tensor([item["index"] for item in items])}
 
 
-class CausalLMDataset(Dataset):
+class CausalLMDataset(ExampleDataset):
     """Texts (or prompt + response pairs, the loss on the response only) as token rows.
 
     packing: every text's tokens, each ending in the end-of-text token, are concatenated and cut into
@@ -117,7 +116,7 @@ class CausalLMDataset(Dataset):
                            [item["index"] for item in items], pad_id(self.tokenizer))
 
 
-class QADataset(Dataset):
+class QADataset(ExampleDataset):
     """One example a window of question + context; labels are (start, end) token positions, or (0, 0) (the [CLS]
     position) for a window that does not hold the answer."""
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 from torch import nn
@@ -19,7 +20,7 @@ from tuneforge.config import AdapterSpec, ImageSpec, ModelSpec
 from tuneforge.errors import ModelError, TuneforgeError, first_line
 from tuneforge.models.adapters import ADAPTER_CONFIG, ADAPTER_FILE, apply_adapter
 from tuneforge.models.factory import FACTORY_CONFIG_KEY, Factory, FactoryClassifier, build_factory_model, trusted_factory
-from tuneforge.models.loading import LoadedModel, LoadReport, quiet_transformers
+from tuneforge.models.loading import NO_REMOTE_CODE, LoadedModel, LoadReport, load_tokenizer, quiet_transformers
 from tuneforge.models.weights import misfit, safetensors_shapes, weights_fit
 
 
@@ -29,7 +30,7 @@ class SavedKind(Protocol):
     def load_model(self, model_spec, labels: list[str], image_spec, factory=None) -> LoadedModel: ...
     def saved_class(self, folder: Path) -> tuple[type, str]: ...  # the transformers class, and the input modality
     def saved_processor(self, folder: Path, modality: str): ...
-    def saved_head(self, model: nn.Module) -> list[str]: ...
+    def head_of(self, model: nn.Module) -> list[str]: ...
 
 
 def save_model_folder(loaded: LoadedModel, folder: Path, labels: list[str], trained: set[str] | None = None) -> None:
@@ -128,12 +129,45 @@ def _load(folder: Path, kind: SavedKind, factory: str | Factory | None) -> tuple
         processor = kind.saved_processor(folder, "image")
         return LoadedModel(model, processor, "image", [f"net.{saved['head']}"], LoadReport(), saved), labels
     auto_class, modality = kind.saved_class(folder)
-    model, loading = auto_class.from_pretrained(folder, output_loading_info=True)
+    # Mismatched shapes are reported below, by name, instead of transformers' own error.
+    model, loading = auto_class.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                **NO_REMOTE_CODE)
     problem = misfit(sorted(loading["missing_keys"]), [f"{key} {tuple(found)} instead of {tuple(wanted)}" for key, found,
                      wanted in loading.get("mismatched_keys", [])], sorted(loading["unexpected_keys"]))
+    problem = problem or _bad_values(model, weights)
     if problem:  # transformers would start those weights at random and predict noise without a word
         raise ModelError([f"{weights} does not fit the model its folder describes: {problem}"])
-    return LoadedModel(model, kind.saved_processor(folder, modality), modality, kind.saved_head(model), LoadReport()), labels
+    return LoadedModel(model, kind.saved_processor(folder, modality), modality, kind.head_of(model), LoadReport()), labels
+
+
+def _bad_values(model: nn.Module, weights: Path) -> str | None:
+    """Weights that loaded but cannot be the trained ones: whole numbers where the model computes in floating
+    point (a cast file), or NaN and infinite values."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as file:
+        cast = sorted(key for key in file.keys()
+                      if not file.get_slice(key).get_dtype().startswith(("F", "BF")) and "num_batches" not in key)
+    parameters = {name for name, _ in model.named_parameters()}
+    cast = [key for key in cast if key in parameters]
+    if cast:
+        return f"whole-number tensors where the model has floating-point weights: {', '.join(cast[:5])}"
+    broken = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and
+              not bool(torch.isfinite(tensor).all())]
+    return f"NaN or infinite values in {', '.join(broken[:5])}" if broken else None
+
+
+def saved_tokenizer(folder: Path):
+    """The tokenizer saved beside a model, checked as a pretrained one is (load_tokenizer)."""
+    from transformers import AutoConfig
+
+    return load_tokenizer(str(folder), str(folder), AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE), NO_REMOTE_CODE)
+
+
+def saved_image_processor(folder: Path):
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder, backend="pil", **NO_REMOTE_CODE)
 
 
 def restore_saved_weights(model: nn.Module, folder: Path) -> None:
@@ -143,4 +177,4 @@ def restore_saved_weights(model: nn.Module, folder: Path) -> None:
     elif isinstance(model, FactoryClassifier):  # the network's own weights, as save_model_folder wrote them
         load_safetensors_into(model.net, str(folder / "model.safetensors"))
     else:
-        model.load_state_dict(type(model).from_pretrained(folder).state_dict())
+        model.load_state_dict(type(model).from_pretrained(folder, **NO_REMOTE_CODE).state_dict())

@@ -91,10 +91,16 @@ def hf_modality(config) -> str:
     return "image" if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES else "text"
 
 
+# Every from_pretrained on a folder tuneforge did not just write itself: its own code never runs, and transformers
+# never asks on stdin whether it may (a yes piped into the command would say it may).
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(reference: str, name: str, config, common: dict):
+    """The tokenizer beside a model, checked: its files are there and it knows about as many tokens as the model
+    (an empty stand-in would map every word to [UNK] and predict the same for every input)."""
     from transformers import AutoTokenizer
 
     folder = Path(name).expanduser()
@@ -106,7 +112,7 @@ def load_tokenizer(reference: str, name: str, config, common: dict):
     except Exception as error:  # transformers raises many kinds for a damaged tokenizer
         raise ModelError([f"model.name {reference!r}: cannot load its tokenizer ({first_line(error)})"]) from None
     vocab = getattr(config, "vocab_size", None)
-    if vocab and len(tokenizer) < vocab // 10:  # an empty stand-in would map every word to [UNK]
+    if vocab and len(tokenizer) < vocab // 10:
         raise ModelError([f"model.name {reference!r}: its tokenizer knows {len(tokenizer)} tokens but the model has "
                           f"{vocab}; the tokenizer files are incomplete"])
     return tokenizer

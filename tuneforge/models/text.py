@@ -9,8 +9,16 @@ from torch import nn
 
 from tuneforge.data.tokens import pad_id
 from tuneforge.errors import ModelError, first_line
-from tuneforge.models.loading import (HFSource, LoadedModel, LoadReport, load_tokenizer, load_weights, make_image_processor,
-                                      resolve_model_path)
+from tuneforge.models.loading import (
+    NO_REMOTE_CODE,
+    HFSource,
+    LoadedModel,
+    LoadReport,
+    load_tokenizer,
+    load_weights,
+    make_image_processor,
+    resolve_model_path,
+)
 
 
 @dataclass
@@ -27,11 +35,13 @@ class CaptionProcessor:
 
     @classmethod
     def from_pretrained(cls, folder, image_spec=None) -> CaptionProcessor:
-        from transformers import AutoImageProcessor, AutoTokenizer
+        """The pair saved in a model folder (never running code named in it)."""
+        from transformers import AutoConfig, AutoImageProcessor
 
-        image = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        image = AutoImageProcessor.from_pretrained(folder, backend="pil", **NO_REMOTE_CODE)
+        decoder = getattr(AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE), "decoder", None)
         return cls(make_image_processor(image_spec, image) if image_spec is not None else image,
-                   AutoTokenizer.from_pretrained(folder))
+                   load_tokenizer(str(folder), str(folder), decoder, NO_REMOTE_CODE))
 
 
 def lm_head_prefixes(model: nn.Module) -> list[str]:

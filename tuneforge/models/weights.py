@@ -141,6 +141,7 @@ def weights_fit(required: dict, found: dict, allowed: dict | None = None) -> str
 def misfit(missing: list[str], wrong: list[str], unexpected: list[str]) -> str | None:
     """One line naming what does not fit (a few names of each kind), or None when nothing is wrong."""
     def show(keys: list[str]) -> str:
+        keys = sorted(keys)  # the same message whatever order the loader reported them in
         return ", ".join(keys[:5]) + (f" … (+{len(keys) - 5})" if len(keys) > 5 else "")
 
     parts = [f"{what} {len(keys)}: {show(keys)}" for what, keys in

@@ -32,7 +32,6 @@ from tuneforge.errors import RecipeError
 from tuneforge.models.groups import LayerGroup, covering_modules, frozen_prefix
 
 
-
 @dataclass
 class Stage:
     start_step: int

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from tuneforge.errors import RecipeError
-from tuneforge.strategies.freeze import FreezePlan, select_params
 from tuneforge.models.groups import LayerGroup
+from tuneforge.strategies.freeze import FreezePlan, select_params
 from tuneforge.strategies.schedules import PlateauState, make_multiplier
 
 

@@ -20,9 +20,8 @@ from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
 
-
-
 from tuneforge.config.training import REQUIRED_SETTINGS, ScheduleName, ScheduleSpec  # noqa: F401
+
 
 class PlateauState:
     """Reduce-on-plateau multiplier, updated after each validation evaluation."""

@@ -47,7 +47,7 @@ class Task(ABC):
     export_formats: ClassVar[tuple[str, ...]] = ("hf", "onnx", "torch-export")
     export_note: ClassVar[str] = ""  # why the formats it does not list are refused ("a <task> model ...")
     file_batch_size: ClassVar[int] = 32  # examples a batch when a whole file is evaluated or predicted
-    new_head: ClassVar[bool] = True  # a new head sits on the pretrained model (a language model keeps its own)
+    adds_head: ClassVar[bool] = True  # a new head sits on the pretrained model (a language model keeps its own)
     unit: ClassVar[str] = "class"  # what its outputs are called, one by one ("label" for multilabel)
     balanced_sampling: ClassVar[bool] = False  # data.sampler balanced: one class per example to balance
     multi_target: ClassVar[bool] = False  # data.label_column may list several columns
@@ -112,6 +112,12 @@ class Task(ABC):
         return "image" if split.image_paths is not None else "text"
 
     @classmethod
+    def head_labels(cls, labels: list[str]) -> list[str]:
+        """What the model's head has one output for, given the task's labels: the labels themselves unless
+        the task scores them otherwise (one output for a whole ordered scale)."""
+        return labels
+
+    @classmethod
     def check_known(cls, split: Split, info) -> list[str]:
         """Problems of a labelled file evaluated with a saved model: targets the model cannot predict."""
         return []
@@ -142,7 +148,7 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def saved_head(cls, model) -> list[str]:
+    def head_of(cls, model) -> list[str]:
         """Module paths of the head the task put on the pretrained model."""
 
     # ---------------------------------------------------------------- one run, or one saved model
@@ -181,9 +187,9 @@ class Task(ABC):
     def evaluate(self, model, loader, accelerator) -> dict:
         """The task's metrics over a loader's whole split (gathered from every process)."""
 
-    def after_training(self, model, loaders: dict, accelerator) -> dict | None:
-        """Decided once training is done, on the validation split (e.g. a threshold); a record for
-        metrics.jsonl, or None."""
+    def after_training(self, model, loaders: dict, accelerator) -> tuple[dict, str] | None:
+        """What the task decides once training is done, on the validation split (e.g. a threshold), kept in its
+        `state`: a record for metrics.jsonl and a line for the console; None when it decides nothing."""
         return None
 
     # ---------------------------------------------------------------- predicting
@@ -210,7 +216,8 @@ class Task(ABC):
         many. By default input by input, in batches of 32; tasks that batch a whole file better override it."""
         items, rows = self.read_inputs(inputs, data_spec)
         prepared = [self.prepare_input(item, index, loaded.modality) for index, item in enumerate(items)]
-        predictions = [p for start in range(0, len(prepared), 32) for p in self.predict(loaded, prepared[start:start + 32])]
+        size = self.file_batch_size
+        predictions = [p for start in range(0, len(prepared), size) for p in self.predict(loaded, prepared[start:start + size])]
         write_predictions(self, rows, predictions, output)
         return len(predictions)
 
@@ -271,6 +278,11 @@ class Task(ABC):
         return label_table(info, "class index") if cls.has_classes else []
 
     @classmethod
+    def card_regularisation(cls, recipe: dict) -> list[str]:
+        """What of its own settings regularises training, for the card's strategy (e.g. label smoothing)."""
+        return []
+
+    @classmethod
     def card_split_details(cls, split: str, metrics: dict) -> list[str]:
         """Markdown lines after the evaluation table for one split (per-class tables)."""
         return []
@@ -311,7 +323,7 @@ def open_image_input(item, index: int):
         source = io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
         with Image.open(source) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
         raise DataError([f"input {index} is not a readable image ({type(error).__name__}: {error})"]) from None
 
 

@@ -17,15 +17,16 @@ from pydantic import Field
 
 from tuneforge.config import DataSpec, Recipe
 from tuneforge.data.common import Split, check_texts
+from tuneforge.data.tables import TABLES
 from tuneforge.data.text import read_columns, read_lines
 from tuneforge.data.text_datasets import CausalLMDataset
 from tuneforge.data.tokens import pad_id, pad_rows, text_tokenizer
 from tuneforge.errors import DataError
 from tuneforge.limits import MAX_COUNT
 from tuneforge.models.loading import LoadedModel
-from tuneforge.tasks.base import check_unicode, example_nll, gather_by_index, mean_token_loss
+from tuneforge.tasks.base import example_nll, gather_by_index, mean_token_loss
 from tuneforge.tasks.registry import register_task
-from tuneforge.tasks.text import TABLES, TextSpec, TextTask
+from tuneforge.tasks.text import TextSpec, TextTask
 
 
 class CausalLMSpec(TextSpec):
@@ -50,7 +51,7 @@ class CausalLMTask(TextTask):
     data_keys = frozenset({"prompt_column", "response_column", "test_fraction"})
     auto_class, model_types, model_examples = "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "GPT-2, Llama"
     export_note = "writes its text in a generation loop around the model, which the export does not carry yet"
-    new_head = False  # the pretrained language-model head
+    adds_head = False  # the pretrained language-model head
     head = "the pretrained language-model head (next-token prediction)"
     limitation = ("- Perplexity measures how well it predicts held-out text of the same kind, not whether what it "
                   "writes is true or safe.")
@@ -69,18 +70,20 @@ class CausalLMTask(TextTask):
 
     @classmethod
     def read_split(cls, name: str, where: str, data_spec, notes: list[str], labelled: bool = True) -> Split:
-        if data_spec.format == "text" or (data_spec.format == "auto" and Path(where).suffix == ".txt"):
+        # .txt is one text a line; so are prompts to continue from a .txt file, whatever the training data was
+        text_file = Path(where).suffix == ".txt" and (data_spec.format == "auto" or not labelled)
+        if data_spec.format == "text" or text_file:
             return read_lines(name, where, data_spec)
         if data_spec.prompt_column:
             wanted = {data_spec.prompt_column: "the prompt", **({data_spec.response_column: "the response"} if labelled else {})}
-            columns, rows, failed = read_columns(name, where, data_spec, wanted)
-            if failed:
-                return failed
+            columns, rows, problems = read_columns(name, where, data_spec, wanted)
+            if problems:
+                return Split(name, where, [], [], texts=[], problems=problems)
             responses = columns[data_spec.response_column] if labelled else [None] * len(rows)
             return Split(name, where, responses, rows, texts=columns[data_spec.prompt_column])
-        columns, rows, failed = read_columns(name, where, data_spec, {data_spec.text_column: "the text"})
-        if failed:
-            return failed
+        columns, rows, problems = read_columns(name, where, data_spec, {data_spec.text_column: "the text"})
+        if problems:
+            return Split(name, where, [], [], texts=[], problems=problems)
         return Split(name, where, [None] * len(rows), rows, texts=columns[data_spec.text_column])
 
     @classmethod
@@ -101,21 +104,12 @@ class CausalLMTask(TextTask):
 
     @classmethod
     def from_info(cls, info, preprocessor) -> CausalLMTask:
-        settings = cls.settings_of(info).model_dump(exclude={"type", "labels", "label_names"})
+        settings = cls.saved_settings(info)
         instruction = DataSpec(**info.data).prompt_column is not None
         return cls(text_tokenizer(preprocessor), max_length=info.max_length, instruction=instruction, **settings)
 
     def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
         return CausalLMDataset(split, preprocessor, self.max_length, self.packing, self.instruction)
-
-    def prepare_input(self, item, index: int, modality: str):
-        if not isinstance(item, str):
-            raise DataError([f"input {index} is not text"])
-        check_unicode([item], index)
-        return item
-
-    def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        return model(**inputs, labels=targets).loss
 
     def evaluate(self, model, loader, accelerator) -> dict:
         model.eval()
@@ -144,9 +138,3 @@ class CausalLMTask(TextTask):
                                               pad_token_id=pad_id(tokenizer))
         new = generated[:, inputs["input_ids"].shape[1]:]
         return [{"text": text} for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-    def csv_header(self) -> list[str]:
-        return ["text"]
-
-    def csv_row(self, prediction: dict) -> list:
-        return [prediction["text"]]

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torchmetrics.functional import classification as tmf
 
 from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, label_key, missing, natural, rows_listing
@@ -29,6 +28,14 @@ class ClassificationSpec(TaskSpec):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
+
+
+def _metrics():
+    """torchmetrics' classification functions; imported when first needed (importing torchmetrics takes seconds, and
+    `tuneforge --help` should not wait for it)."""
+    from torchmetrics.functional import classification
+
+    return classification
 
 
 @register_task
@@ -100,11 +107,11 @@ class ClassificationTask(LabelTask):
                 raise RecipeError([f"task.class_weights has {len(weights)} weights for {len(data.labels)} labels "
                                    f"{data.label_names}; give one per label, in that order"])
             weights = torch.tensor(weights, dtype=torch.float)
-        return cls(data.label_names, spec.label_smoothing, weights)._bind(recipe.model.max_length, recipe.data)
+        return cls(data.label_names, spec.label_smoothing, weights).configured(recipe.model.max_length, recipe.data)
 
     @classmethod
     def from_info(cls, info, preprocessor) -> ClassificationTask:
-        return cls(info.label_names)._bind(info.max_length, DataSpec(**info.data))
+        return cls(info.label_names).configured(info.max_length, DataSpec(**info.data))
 
     def __init__(self, label_names: list[str], label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
         self.label_names = label_names
@@ -131,6 +138,7 @@ class ClassificationTask(LabelTask):
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """All metrics by name; computed with torchmetrics on the full split at once."""
+        tmf = _metrics()
         logits, labels = logits.float(), labels.long()
         probabilities = logits.softmax(-1)
         predicted = probabilities.argmax(-1)
@@ -161,6 +169,7 @@ class ClassificationTask(LabelTask):
 
         Undefined (None) when a class has no examples in the split.
         """
+        tmf = _metrics()
         present = torch.bincount(labels, minlength=self.num_classes)
         if self.num_classes == 2:
             if (present == 0).any():
@@ -186,6 +195,12 @@ class ClassificationTask(LabelTask):
     @classmethod
     def card_head(cls, info) -> str:
         return f"a new classifier for {len(info.label_names)} labels"
+
+    @classmethod
+    def card_regularisation(cls, recipe: dict) -> list[str]:
+        task = recipe["task"]
+        return ([f"label smoothing {task['label_smoothing']}"] if task.get("label_smoothing") else []) + \
+            ([f"class weights {task['class_weights']}"] if task.get("class_weights") else [])
 
     @classmethod
     def card_split_details(cls, split: str, metrics: dict) -> list[str]:

@@ -66,8 +66,9 @@ class DetectionTask(ImageTask):
     auto_class, model_types, model_examples = ("AutoModelForObjectDetection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
                                                "DETR, Conditional DETR, YOLOS")
 
-    def __init__(self, label_names: list[str], score_threshold: float = 0.5):
+    def __init__(self, label_names: list[str], score_threshold: float = 0.5, label_values: list[str] | None = None):
         self.label_names, self.score_threshold = label_names, score_threshold
+        self.label_values = label_values or label_names  # what the annotations call each class
         self.augment = None  # a BoxAugmenter for the training split (flips, shifts, zooms move the boxes too)
 
     @classmethod
@@ -113,17 +114,17 @@ class DetectionTask(ImageTask):
 
     @classmethod
     def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> DetectionTask:
-        task = cls(data.label_names, recipe.task.score_threshold)
+        task = cls(data.label_names, recipe.task.score_threshold, data.labels)
         if recipe.data.augment.is_active:
             task.augment = BoxAugmenter(recipe.data.augment, preprocessor.image_mean, preprocessor.image_std)
         return task
 
     @classmethod
     def from_info(cls, info, preprocessor) -> DetectionTask:
-        return cls(info.label_names, cls.settings_of(info).score_threshold)
+        return cls(info.label_names, cls.settings_of(info).score_threshold, info.label_values)
 
     def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
-        index = {label: i for i, label in enumerate(self.label_names)}
+        index = {label: i for i, label in enumerate(self.label_values)}
         return DetectionDataset(split, targets, preprocessor, index, self.augment if train else None)
 
     def compute_loss(self, model, inputs: dict, targets: list[dict]) -> torch.Tensor:

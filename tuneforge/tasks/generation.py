@@ -11,7 +11,7 @@ from pydantic import Field
 
 from tuneforge.config import Recipe
 from tuneforge.data.common import Split, check_images, check_texts
-from tuneforge.data.tables import read_image_split
+from tuneforge.data.tables import TABLES, read_image_split
 from tuneforge.data.text import read_columns, read_lines, read_parallel
 from tuneforge.data.text_datasets import CaptionDataset, Seq2SeqDataset
 from tuneforge.data.tokens import text_tokenizer
@@ -19,9 +19,9 @@ from tuneforge.errors import DataError, ModelError
 from tuneforge.limits import MAX_COUNT
 from tuneforge.models.loading import LoadedModel, open_hf_model
 from tuneforge.models.text import CaptionProcessor, load_captioning, set_special_tokens
-from tuneforge.tasks.base import check_unicode, example_nll, gather_by_index, mean_token_loss, open_image_input
+from tuneforge.tasks.base import example_nll, gather_by_index, mean_token_loss, open_image_input
 from tuneforge.tasks.registry import register_task
-from tuneforge.tasks.text import TABLES, TextSpec, TextTask
+from tuneforge.tasks.text import TextSpec, TextTask
 from tuneforge.tasks.text_metrics import generation_scores
 
 SAMPLES = 5  # generated texts kept in eval.json beside their references, to read what the scores mean
@@ -43,7 +43,7 @@ class GenerationTask(TextTask):
     metric_names = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss")
     summary_keys = ("bleu", "chrf", "rougeL", "meteor", "loss")
     export_note = "writes its text in a generation loop around the model, which the export does not carry yet"
-    new_head = False  # the pretrained language-model head
+    adds_head = False  # the pretrained language-model head
 
     def __init__(self, tokenizer=None, num_beams: int = 4, max_new_tokens: int = 64, max_length: int = 128,
                  max_target_length: int = 128):
@@ -56,11 +56,8 @@ class GenerationTask(TextTask):
 
     @classmethod
     def from_info(cls, info, preprocessor) -> GenerationTask:
-        settings = cls.settings_of(info).model_dump(exclude={"type", "labels", "label_names"})
+        settings = cls.saved_settings(info)
         return cls(text_tokenizer(preprocessor), max_length=info.max_length, **settings)
-
-    def compute_loss(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        return model(**inputs, labels=targets).loss
 
     def generate(self, model, inputs: dict) -> list[str]:
         generated = model.generate(**inputs, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens)
@@ -79,25 +76,20 @@ class GenerationTask(TextTask):
                 indices += batch["index"].tolist()
         by_index = gather_by_index(accelerator, indices, results)
         loss, _ = mean_token_loss([nll for _, nll in by_index.values()])
-        order = _one_per_input(sorted(by_index), getattr(loader.dataset, "paths", None))
+        order = self.scored_once(sorted(by_index), loader.dataset)
         predictions = [by_index[i][0] for i in order]
         references = [loader.dataset.references[i] for i in order]
         return {**generation_scores(predictions, references), "loss": loss,
                 "samples": [{"prediction": p, "references": r} for p, r in zip(predictions[:SAMPLES], references)]}
 
+    def scored_once(self, indices: list[int], dataset) -> list[int]:
+        """The examples whose generated text is scored: each one (captioning: each image once)."""
+        return indices
+
     def predict(self, loaded: LoadedModel, items: list) -> list[dict]:
         """Generated text per input."""
         with torch.inference_mode():
             return [{"text": text} for text in self.generate(loaded.model, self.model_inputs(loaded, items))]
-
-    def csv_header(self) -> list[str]:
-        return ["text"]
-
-    def csv_row(self, prediction: dict) -> list:
-        return [prediction["text"]]
-
-
-
 
 @register_task
 class Seq2SeqTask(GenerationTask):
@@ -105,6 +97,7 @@ class Seq2SeqTask(GenerationTask):
 
     name = "seq2seq"
     Spec = Seq2SeqSpec
+    card_metrics = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "meteor", "loss")
     description = "sequence-to-sequence model"
     purpose = "Writing the target text for"
     data_formats = (*TABLES, "parallel")
@@ -138,9 +131,9 @@ class Seq2SeqTask(GenerationTask):
         if not labelled and Path(where).suffix == ".txt":
             return read_lines(name, where, data_spec)
         wanted = {data_spec.text_column: "the source text", **({data_spec.target_column: "the target text"} if labelled else {})}
-        columns, rows, failed = read_columns(name, where, data_spec, wanted)
-        if failed:
-            return failed
+        columns, rows, problems = read_columns(name, where, data_spec, wanted)
+        if problems:
+            return Split(name, where, [], [], texts=[], problems=problems)
         targets = columns[data_spec.target_column] if labelled else [None] * len(rows)
         return Split(name, where, targets, rows, texts=columns[data_spec.text_column])
 
@@ -158,12 +151,6 @@ class Seq2SeqTask(GenerationTask):
 
     def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
         return Seq2SeqDataset(split, preprocessor, self.max_length, self.max_target_length, self.source_prefix)
-
-    def prepare_input(self, item, index: int, modality: str):
-        if not isinstance(item, str):
-            raise DataError([f"input {index} is not text"])
-        check_unicode([item], index)
-        return item
 
     def model_inputs(self, loaded: LoadedModel, items: list) -> dict:
         inputs = dict(self.tokenizer([self.source_prefix + text for text in items], truncation=True,
@@ -199,9 +186,9 @@ class CaptioningTask(GenerationTask):
         if not labelled and Path(where).is_dir():  # a folder of images to caption
             return read_image_split(name, Path(where), require_labels=False)
         wanted = {data_spec.image_column: "the image file", **({data_spec.target_column: "the caption"} if labelled else {})}
-        columns, rows, failed = read_columns(name, where, data_spec, wanted)
-        if failed:
-            return Split(name, where, [], [], image_paths=[], problems=failed.problems)
+        columns, rows, problems = read_columns(name, where, data_spec, wanted)
+        if problems:
+            return Split(name, where, [], [], image_paths=[], problems=problems)
         root = Path(data_spec.image_root) if data_spec.image_root else Path(where).parent
         paths = [None if image is None else root / str(image) for image in columns[data_spec.image_column]]
         captions = columns[data_spec.target_column] if labelled else [None] * len(rows)
@@ -232,7 +219,7 @@ class CaptioningTask(GenerationTask):
                               "for this encoder"])
         model, processor, report = load_captioning(model_spec, image_spec, source.name, source.common)
         set_special_tokens(model, processor.tokenizer, decoder_start=True)
-        return LoadedModel(model, processor, "image", cls.saved_head(model), report)
+        return LoadedModel(model, processor, "image", cls.head_of(model), report)
 
     @classmethod
     def saved_class(cls, folder: Path) -> tuple[type, str]:
@@ -260,19 +247,15 @@ class CaptioningTask(GenerationTask):
             raise DataError(split.problems)
         return split.image_paths, split.rows
 
+    def scored_once(self, indices: list[int], dataset) -> list[int]:
+        """A row per (image, caption), every caption of an image a reference: each image is scored once."""
+        seen, kept = set(), []
+        for index in indices:
+            if dataset.paths[index] not in seen:
+                seen.add(dataset.paths[index])
+                kept.append(index)
+        return kept
+
     @classmethod
     def card_input(cls, info) -> str:
         return "RGB images"
-
-
-def _one_per_input(indices: list[int], inputs: list | None) -> list[int]:
-    """Captioning has a row per (image, caption) and every caption of an image is a reference: score each image once."""
-    if inputs is None:
-        return indices
-    seen, kept = set(), []
-    for index in indices:
-        if inputs[index] not in seen:
-            seen.add(inputs[index])
-            kept.append(index)
-    return kept
-

@@ -4,12 +4,14 @@ batch from one loader."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 from tuneforge.config import Recipe
 from tuneforge.data.common import Split, TaskData, check_images
 from tuneforge.errors import DataError
+from tuneforge.models.folder import saved_image_processor
 from tuneforge.models.heads import hf_head_prefixes
 from tuneforge.models.loading import LoadedModel, load_hf_with_head, open_hf_model, require_model_type
 from tuneforge.tasks.base import Task, open_image_input, write_predictions
@@ -57,12 +59,10 @@ class ImageTask(Task):
 
     @classmethod
     def saved_processor(cls, folder: Path, modality: str):
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return saved_image_processor(folder)
 
     @classmethod
-    def saved_head(cls, model) -> list[str]:
+    def head_of(cls, model) -> list[str]:
         return hf_head_prefixes(model)
 
     def prepare_input(self, item, index: int, modality: str):
@@ -79,6 +79,11 @@ class ImageTask(Task):
         if problems:
             raise DataError(problems)
         return split
+
+    @abstractmethod
+    def predict_images(self, model, loader, accelerator, split: Split, output: Path, draw: Path | None) -> list[dict]:
+        """The prediction for every image of a file's loader, in the split's order (files beside `output` as the
+        task writes them: masks, drawn boxes)."""
 
     def predict_file(self, loaded: LoadedModel, data_spec, inputs: Path, output: Path, draw: Path | None = None) -> int:
         split = self.input_split(inputs, data_spec)

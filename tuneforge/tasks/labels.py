@@ -4,21 +4,21 @@ network), texts tokenised once and images decoded per batch, predictions from on
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from tuneforge.data.common import Split, TaskData, check_images, check_texts
+from tuneforge.data.common import Split, check_images, check_texts
 from tuneforge.data.datasets import ImageDataset, TextDataset
-from tuneforge.data.tables import read_split
-from tuneforge.models.factory import load_factory_model
-from tuneforge.models.heads import hf_head_prefixes
-from tuneforge.models.loading import LoadedModel, hf_modality, load_hf_with_head, open_hf_model
+from tuneforge.data.tables import TABLES, read_split
 from tuneforge.errors import DataError
+from tuneforge.models.factory import load_factory_model
+from tuneforge.models.folder import saved_image_processor, saved_tokenizer
+from tuneforge.models.heads import hf_head_prefixes
+from tuneforge.models.loading import NO_REMOTE_CODE, LoadedModel, hf_modality, load_hf_with_head, open_hf_model
 from tuneforge.tasks.base import Task, check_text_input, is_pair, open_image_input, predict_logits, write_predictions
-
-TABLES = ("csv", "tsv", "jsonl", "parquet")
 
 
 class LabelTask(Task):
@@ -78,26 +78,36 @@ class LabelTask(Task):
     def saved_class(cls, folder: Path) -> tuple[type, str]:
         from transformers import AutoConfig
 
-        modality = hf_modality(AutoConfig.from_pretrained(folder))
+        modality = hf_modality(AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE))
         return cls._auto_class(modality), modality
 
     @classmethod
     def saved_processor(cls, folder: Path, modality: str):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        if modality == "text":
-            return AutoTokenizer.from_pretrained(folder)
-        return AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return saved_tokenizer(folder) if modality == "text" else saved_image_processor(folder)
 
     @classmethod
-    def saved_head(cls, model) -> list[str]:
+    def head_of(cls, model) -> list[str]:
         return hf_head_prefixes(model)
 
     # ---------------------------------------------------------------- one run, or one saved model
 
-    def _bind(self, max_length: int, data_spec) -> LabelTask:
+    def configured(self, max_length: int, data_spec) -> LabelTask:
+        """This task reading texts as the run did: cut to `max_length` tokens, in pairs when the data had a
+        second text column. Every subclass's for_run and from_info end with it."""
         self.max_length, self.pairs = max_length, bool(data_spec.text_pair_column)
         return self
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch's outputs (float32, also under autocast)."""
+
+    @abstractmethod
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Every metric of a whole split's outputs, by name (`num_examples` and `loss` among them)."""
+
+    @abstractmethod
+    def predictions(self, outputs: torch.Tensor) -> list[dict]:
+        """One prediction per row of outputs."""
 
     def dataset(self, split: Split, targets: list, preprocessor, train: bool = False):
         if split.image_paths is not None:
@@ -145,6 +155,3 @@ class LabelTask(Task):
         predictions = self.predictions(logits)
         write_predictions(self, split.rows, predictions, output)
         return len(predictions)
-
-    def train_summary(self, data: TaskData) -> dict:
-        return {"train_examples": len(data.splits["train"])}

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from torchmetrics.functional import classification as tmf
 
 from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, label_key, missing, natural, rows_listing
@@ -36,6 +35,14 @@ class MultiLabelSpec(TaskSpec):
         if value != "tune" and not 0.0 < value < 1.0:
             raise ValueError("threshold must be between 0 and 1 (exclusive), or tune")
         return value
+
+
+def _metrics():
+    """torchmetrics' classification functions; imported when first needed (importing torchmetrics takes seconds, and
+    `tuneforge --help` should not wait for it)."""
+    from torchmetrics.functional import classification
+
+    return classification
 
 
 @register_task
@@ -97,11 +104,14 @@ class MultiLabelTask(LabelTask):
     def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> MultiLabelTask:
         threshold = recipe.task.threshold
         task = cls(data.label_names, 0.5 if threshold == "tune" else threshold, tune=threshold == "tune")
-        return task._bind(recipe.model.max_length, recipe.data)
+        return task.configured(recipe.model.max_length, recipe.data)
 
     @classmethod
     def from_info(cls, info, preprocessor) -> MultiLabelTask:
-        return cls(info.label_names, info.task_state["threshold"])._bind(info.max_length, DataSpec(**info.data))
+        threshold = info.task_state["threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold {threshold!r} is not a probability")
+        return cls(info.label_names, float(threshold)).configured(info.max_length, DataSpec(**info.data))
 
     @property
     def state(self) -> dict:
@@ -126,6 +136,7 @@ class MultiLabelTask(LabelTask):
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor, threshold: float | None = None) -> dict:
         """Micro and macro F1, precision and recall, macro AUC (torchmetrics), exact match (every label of
         an example right), all at the task's threshold."""
+        tmf = _metrics()
         probabilities, targets = logits.float().sigmoid(), targets.long()
         k, t = len(self.label_names), self.threshold if threshold is None else threshold
         result = {"num_examples": int(targets.shape[0]), "loss": float(self.loss(logits, targets)), "threshold": t}
@@ -148,6 +159,7 @@ class MultiLabelTask(LabelTask):
 
     def tune(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The threshold with the best micro F1 on these examples (the lowest of equals); it becomes the task's."""
+        tmf = _metrics()
         probabilities, targets, k = logits.float().sigmoid(), targets.long(), len(self.label_names)
         scores = [(float(tmf.multilabel_f1_score(probabilities, targets, k, threshold=t, average="micro")), -t)
                   for t in THRESHOLDS]

@@ -12,7 +12,7 @@ from pydantic import Field
 from tuneforge.config import Recipe
 from tuneforge.data.common import Split
 from tuneforge.data.qa import QAExample, best_answers, prepare_features, read_squad
-from tuneforge.data.tables import read_table
+from tuneforge.data.tables import read_table, table_format
 from tuneforge.data.text import read_qa_split
 from tuneforge.data.text_datasets import QADataset
 from tuneforge.data.tokens import text_tokenizer, window_inputs
@@ -94,7 +94,7 @@ class QATask(TextTask):
         return loaded
 
     @classmethod
-    def saved_head(cls, model) -> list[str]:
+    def head_of(cls, model) -> list[str]:
         return hf_head_prefixes(model)
 
     # ---------------------------------------------------------------- one run, or one saved model
@@ -169,7 +169,7 @@ class QATask(TextTask):
             if problems:
                 raise DataError(problems)
             return [{"question": e.question, "context": e.context} for e in examples], [e.id for e in examples]
-        fmt = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+        fmt = table_format(path, data_spec.format)
         frame = read_table(path, fmt, data_spec.columns, data_spec.encoding)
         absent = [c for c in ("question", "context") if c not in frame.columns]
         if absent:

@@ -2,16 +2,18 @@
 
 tuneforge's own tasks register when the package is imported; a task from elsewhere registers with
 the `register_task` decorator (in code the user runs) or as an entry point in the group
-`tuneforge.tasks` of an installed package (found the first time an unknown name is asked for).
+`tuneforge.tasks` of an installed package, named as the task (imported the first time that name is asked
+for; a broken plug-in affects only its own name).
 A saved model folder names its task, and loading it only looks that name up here: a name is
 never turned into an import.
 """
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import entry_points
 
-from tuneforge.errors import RecipeError
+from tuneforge.errors import RecipeError, first_line
 
 ENTRY_POINT_GROUP = "tuneforge.tasks"
 DEFAULT_TASK = "classification"  # a recipe without task.type
@@ -20,14 +22,18 @@ TASK_TYPES_HELP = ("classification (one label per example), multilabel (any numb
                    "(text to text), qa (extractive question answering), captioning (image to text), causal_lm "
                    "(language modelling), or a task registered by a plug-in")
 _TASKS: dict[str, type] = {}
-_plugins_loaded = False
 
 
 def register_task(task_class: type) -> type:
-    """Class decorator: make `task_class` the task named `task_class.name`."""
+    """Class decorator: make `task_class` the task named `task_class.name` (a complete Task subclass)."""
     name = getattr(task_class, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise TypeError(f"{task_class.__qualname__}.name must be a plain identifier, got {name!r}")
+    if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+        raise TypeError(f"{task_class.__qualname__}.name must be a plain ASCII identifier, got {name!r}")
+    if inspect.isabstract(task_class):
+        missing = ", ".join(sorted(getattr(task_class, "__abstractmethods__", ())))
+        raise TypeError(f"task {name!r} ({task_class.__qualname__}) does not define: {missing}")
+    if not getattr(task_class, "metric_names", None) or not getattr(task_class, "summary_keys", None):
+        raise TypeError(f"task {name!r} ({task_class.__qualname__}) needs metric_names and summary_keys")
     known = _TASKS.get(name)
     where = lambda cls: f"{cls.__module__}.{cls.__qualname__}"
     if known is not None and where(known) != where(task_class):  # the same class again (a module re-run) is fine
@@ -37,12 +43,19 @@ def register_task(task_class: type) -> type:
 
 
 def find_task(name: str) -> type | None:
-    """The task class registered as `name`, looking through installed plug-ins once if it is not known yet."""
-    global _plugins_loaded
-    if name not in _TASKS and not _plugins_loaded:
-        _plugins_loaded = True
-        for point in entry_points(group=ENTRY_POINT_GROUP):  # installed packages: code the user chose to install
-            point.load()
+    """The task class registered as `name`, else the installed plug-in whose `tuneforge.tasks` entry point has
+    that name (imported now, and checked to register it), else None."""
+    if name not in _TASKS:
+        for point in entry_points(group=ENTRY_POINT_GROUP, name=name):  # installed: code the user chose to install
+            source = f"the entry point {point.name!r} of {point.dist.name if point.dist else 'an installed package'}"
+            try:
+                point.load()
+            except Exception as error:  # a broken plug-in is that plug-in's problem, reported as such
+                raise RecipeError([f"task {name!r}: {source} could not be imported ({type(error).__name__}: "
+                                   f"{first_line(error)})"]) from None
+            if name not in _TASKS:
+                raise RecipeError([f"task {name!r}: {source} did not register a task of that name "
+                                   "(@tuneforge.register_task on a class whose name is it)"])
     return _TASKS.get(name)
 
 
@@ -56,4 +69,5 @@ def get_task(name: str) -> type:
 
 
 def task_names() -> list[str]:
+    """The tasks registered so far (installed plug-ins join when first named)."""
     return sorted(_TASKS)

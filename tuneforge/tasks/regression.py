@@ -13,7 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torchmetrics.functional import regression as tmr
 
 from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, rows_listing
@@ -33,6 +32,14 @@ class RegressionSpec(TaskSpec):
         if self.labels is not None:
             raise ValueError("task.labels names classes; a regression's targets are data.label_column")
         return self
+
+
+def _metrics():
+    """torchmetrics' regression functions; imported when first needed (importing torchmetrics takes seconds, and
+    `tuneforge --help` should not wait for it)."""
+    from torchmetrics.functional import regression
+
+    return regression
 
 
 @register_task
@@ -79,14 +86,14 @@ class RegressionTask(LabelTask):
     @classmethod
     def for_run(cls, recipe: Recipe, data: TaskData, preprocessor) -> RegressionTask:
         task = cls.fit(data.label_names, data.targets("train"), recipe.task.normalize_targets)
-        return task._bind(recipe.model.max_length, recipe.data)
+        return task.configured(recipe.model.max_length, recipe.data)
 
     @classmethod
     def from_info(cls, info, preprocessor) -> RegressionTask:
         state = info.task_state
         task = cls(info.label_names, state["target_mean"], state["target_std"],
                    state.get("target_train_mean", state["target_mean"]))
-        return task._bind(info.max_length, DataSpec(**info.data))
+        return task.configured(info.max_length, DataSpec(**info.data))
 
     def __init__(self, target_names: list[str], mean: list[float], std: list[float], baseline: list[float]):
         """Outputs map to the data's units as output * std + mean; `baseline` is the training split's mean,
@@ -196,6 +203,7 @@ class RegressionTask(LabelTask):
 
 
 def _scores(predicted: torch.Tensor, targets: torch.Tensor) -> dict:
+    tmr = _metrics()
     mse = float(tmr.mean_squared_error(predicted, targets))
     r2 = float(tmr.r2_score(predicted, targets)) if len(targets) > 1 and targets.std() > 0 else None
     return {"mse": mse, "rmse": mse ** 0.5, "mae": float(tmr.mean_absolute_error(predicted, targets)), "r2": r2}

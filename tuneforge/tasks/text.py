@@ -11,11 +11,11 @@ from pydantic import model_validator
 
 from tuneforge.config import Recipe, TaskSpec
 from tuneforge.data.common import Split, check_images, check_texts
+from tuneforge.errors import DataError
+from tuneforge.models.folder import saved_tokenizer
 from tuneforge.models.loading import LoadedModel, open_hf_model, require_model_type
 from tuneforge.models.text import lm_head_prefixes, load_text_model, set_special_tokens
-from tuneforge.tasks.base import Task
-
-TABLES = ("csv", "tsv", "jsonl", "parquet")
+from tuneforge.tasks.base import Task, check_unicode
 
 
 class TextSpec(TaskSpec):
@@ -35,7 +35,6 @@ class TextTask(Task):
     auto_class: ClassVar[str]  # transformers' class of the task's models
     model_types: ClassVar[str]  # its mapping of model types (transformers.models.auto.modeling_auto)
     model_examples: ClassVar[str]  # models of that kind, for the message that refuses another
-    label_names: list[str] = []
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
@@ -68,7 +67,7 @@ class TextTask(Task):
         source = open_hf_model(model_spec)
         require_model_type(source, cls.model_types, f"{cls.name} model", cls.model_examples)
         loaded = load_text_model(model_spec, source, cls.auto_class)
-        loaded.head_prefixes = cls.saved_head(loaded.model)
+        loaded.head_prefixes = cls.head_of(loaded.model)
         return loaded
 
     @classmethod
@@ -79,18 +78,42 @@ class TextTask(Task):
 
     @classmethod
     def saved_processor(cls, folder: Path, modality: str):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(folder)
+        return saved_tokenizer(folder)
 
     @classmethod
-    def saved_head(cls, model) -> list[str]:
+    def head_of(cls, model) -> list[str]:
         return lm_head_prefixes(model)
+
+    @property
+    def label_names(self) -> list[str]:  # no classes to name
+        return []
 
     @classmethod
     def settings(cls, recipe: Recipe) -> dict:
-        """The task settings its instance keeps (everything of its Spec but the type and the labels)."""
+        """The task settings its instance keeps (every field of its Spec but the type and the labels), as keyword
+        arguments of its constructor."""
         return recipe.task.model_dump(exclude={"type", "labels", "label_names"})
+
+    @classmethod
+    def saved_settings(cls, info) -> dict:
+        """The same, from a saved model's ModelInfo."""
+        return cls.settings_of(info).model_dump(exclude={"type", "labels", "label_names"})
+
+    def compute_loss(self, model, inputs: dict, targets):
+        """The model's own token loss from `labels` (padding and prompts are -100, which it skips)."""
+        return model(**inputs, labels=targets).loss
+
+    def prepare_input(self, item, index: int, modality: str):
+        if not isinstance(item, str):
+            raise DataError([f"input {index} is not text"])
+        check_unicode([item], index)
+        return item
+
+    def csv_header(self) -> list[str]:
+        return ["text"]
+
+    def csv_row(self, prediction: dict) -> list:
+        return [prediction["text"]]
 
     limitation: ClassVar[str] = ""  # what its metrics do not tell, for the model card
     head: ClassVar[str] = ""  # what sits on top of the pretrained model, for the model card

@@ -42,9 +42,8 @@ import string
 import unicodedata
 from collections import Counter
 
-from nltk.translate.meteor_score import meteor_score
-from rouge_score.rouge_scorer import RougeScorer
-from sacrebleu.metrics import BLEU, CHRF
+# sacrebleu, rouge-score and nltk are imported where they score: nltk alone takes seconds to import, and a
+# run of a task without text metrics (or `tuneforge --help`) should not wait for it.
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _WORD = re.compile(r"\w+")
@@ -100,6 +99,8 @@ def _reference_streams(references: list[list[str]]) -> list[list[str | None]]:
 
 
 def _rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    from rouge_score.rouge_scorer import RougeScorer
+
     scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=_UnicodeTokenizer())
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, refs in zip(predictions, references):
@@ -110,6 +111,8 @@ def _rouge(predictions: list[str], references: list[list[str]]) -> dict[str, flo
 
 
 def _meteor(predictions: list[str], references: list[list[str]]) -> float:
+    from nltk.translate.meteor_score import meteor_score
+
     no_wordnet = _NoWordNet()
     total = 0.0
     for prediction, refs in zip(predictions, references):
@@ -121,6 +124,8 @@ def generation_scores(predictions: list[str], references: list[list[str]]) -> di
     """BLEU, chrF, ROUGE-1/2/L and METEOR (0-100) of predictions against one or more references each.
 
     The exact definitions are in the module docstring."""
+    from sacrebleu.metrics import BLEU, CHRF
+
     _check_inputs(predictions, references)
     streams = _reference_streams(references)
     scores = {

@@ -12,7 +12,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.state import AcceleratorState
 from rich.console import Console
 
-from tuneforge.artifacts import MODEL_DIR, RECIPE_FILE, read_model_info
+from tuneforge.artifacts import INFO_FILE, MODEL_DIR, RECIPE_FILE, read_model_info
 from tuneforge.config import Recipe, read_yaml
 from tuneforge.data.augment import build_augmenter
 from tuneforge.data.common import TaskData, read_task_data
@@ -92,8 +92,6 @@ def load_data_and_model(recipe: Recipe, console: Console, main: bool) -> tuple[T
     data = read_task_data(recipe.data, task, recipe.task)
     loaded = task.load_model(recipe.model, data.label_names, recipe.data.image)
     apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
-    if loaded.base is not None:  # an adapter folder rebuilds its base with the task's head
-        loaded.base["task"] = recipe.task.type
     if loaded.modality != data.modality:
         raise ModelError([f"model {recipe.model.name or recipe.model.factory} takes {loaded.modality} input but "
                           f"data.train is {data.modality} data; choose a model for {data.modality} input or other data"])
@@ -128,14 +126,15 @@ def assemble(recipe: Recipe, accelerator: Accelerator, console: Console, run_dir
     """
     data, loaded = load_data_and_model(recipe, console, accelerator.is_main_process)
     saved = run_dir / MODEL_DIR
-    if resume and (saved / "tuneforge.json").exists() and read_model_info(saved).label_values != data.labels:
-        raise ResumeError([f"the label set changed since {run_dir} was trained ({read_model_info(saved).label_values} -> "
-                           f"{data.labels}); a resumed run cannot change its classes: start a new run"])
+    trained = read_model_info(saved).label_values if resume and (saved / INFO_FILE).exists() else data.labels
+    if trained != data.labels:
+        raise ResumeError([f"the label set changed since {run_dir} was trained ({trained} -> {data.labels}); a resumed "
+                           "run cannot change its classes: start a new run"])
     task = get_task(recipe.task.type).for_run(recipe, data, loaded.preprocessor)
     datasets = {name: task.dataset(split, data.targets(name), loaded.preprocessor, train=name == "train")
                 for name, split in data.splits.items()}
     for dataset in datasets.values():  # e.g. overlong texts cut to the model's limit: counted, never a crash
-        for note in getattr(dataset, "notes", []):
+        for note in dataset.notes:
             data.notes.append(note)
             if accelerator.is_main_process:
                 console.print(f"[yellow]data:[/] {note}")

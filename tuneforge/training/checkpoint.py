@@ -132,10 +132,13 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state:
         for file in partial.iterdir():
             _fsync(file)
         _fsync(partial)
+        replaced = final.with_name(f".{final.name}.old")
         if final.exists():  # the same step saved again (e.g. epoch end right after a periodic save)
-            shutil.rmtree(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)  # kept until the new one is in place: a kill here loses nothing
         os.rename(partial, final)
         _fsync(directory)
+        shutil.rmtree(replaced, ignore_errors=True)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise storage_error(final, error, directory) from None
@@ -157,20 +160,26 @@ def _step(folder: Path) -> int:
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint folders with their final name, oldest first."""
+    """Checkpoint folders with their final name, oldest first. A checkpoint being replaced by a save of the same
+    step (.step-N.old) is put back first when the save was killed before the new one took its name."""
     if not directory.is_dir():
         return []
+    for old in directory.glob(f".{PREFIX}*.old"):
+        final = directory / old.name[1:-len(".old")]
+        if not final.exists():
+            os.rename(old, final)
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=_step)
 
 
-def verify_checkpoint(folder: Path, model=None, optimizer=None) -> str | None:
+def verify_checkpoint(folder: Path, model=None, optimizer=None, scheduler=None) -> str | None:
     """Why a checkpoint cannot be trusted (None if it can), read without changing anything.
 
     Every file is opened as loading would open it: JSON, safetensors headers and data,
-    the optimizer state through the weights-only unpickler (which refuses code). Given the
-    model and optimizer, the checkpoint must also fit them: every weight by name and shape,
-    the optimizer's parameter groups and the shapes of its state.
+    the optimizer state through the weights-only unpickler (which refuses code), and every
+    value restoring it would use is checked on throwaway objects (random states, counters).
+    Given the model, optimizer and scheduler, the checkpoint must also fit them: every weight
+    by name and shape, the optimizer's parameter groups and the shapes of its state.
     """
     try:
         record = json.loads((folder / "state.json").read_text())
@@ -184,8 +193,10 @@ def verify_checkpoint(folder: Path, model=None, optimizer=None) -> str | None:
                 for key in weights.keys():
                     shapes[key] = tuple(weights.get_tensor(key).shape)
         optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        if (folder / "rng.safetensors").exists():
-            load_file(str(folder / "rng.safetensors"))
+        rng = load_file(str(folder / "rng.safetensors")) if (folder / "rng.safetensors").exists() else None
+        problem = _state_problem(record, rng, scheduler) or _optimizer_shape_problem(optimizer_state)
+        if problem:
+            return problem
     except FileNotFoundError as error:
         return f"{Path(error.filename).name} is missing"
     except pickle.UnpicklingError:
@@ -196,6 +207,36 @@ def verify_checkpoint(folder: Path, model=None, optimizer=None) -> str | None:
     if problem is None and optimizer is not None:
         problem = _optimizer_misfit(optimizer, optimizer_state)
     return problem
+
+
+def _state_problem(record: dict, rng: dict | None, scheduler) -> str | None:
+    """Why state.json (and the random states) could not be restored: each value tried on a throwaway object."""
+    if not isinstance(record, dict):
+        return "state.json is not a mapping"
+    counters = [key for key in ("step", "epoch", "batch_in_epoch", "skipped_steps", "nonfinite_skipped",
+                                "evals_without_improvement", "nonfinite_in_row")
+                if key in record and not (type(record[key]) is int and record[key] >= 0)]
+    if counters or not isinstance(record.get("step"), int):
+        return f"state.json: {', '.join(counters) or 'step'} must be a whole number of at least 0"
+    saved = record.get("scheduler")
+    if scheduler is not None and not (isinstance(saved, dict) and set(saved) == set(scheduler.state_dict())):
+        return "state.json: the scheduler's state is not one of this run's scheduler"
+    if rng is not None and "python" in record and "numpy" in record:
+        if "torch" not in rng:
+            return "rng.safetensors holds no torch random state"
+        torch.Generator().set_state(rng["torch"])
+        version, internal, gauss = record["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        name, keys, position, has_gauss, cached = record["numpy"]
+        np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    return None
+
+
+def _optimizer_shape_problem(saved) -> str | None:
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)
+            and all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in saved["param_groups"])):
+        return "optimizer.pt is not an optimizer's state (state and param_groups)"
+    return None
 
 
 def _weights_misfit(model, shapes: dict[str, tuple]) -> str | None:

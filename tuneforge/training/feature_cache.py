@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tuneforge.data.datasets import ImageDataset, TextDataset
+from tuneforge.data.datasets import ExampleDataset, ImageDataset, TextDataset
 from tuneforge.data.loaders import length_order, loader_workers
 from tuneforge.models.groups import covering_modules
 
@@ -214,7 +214,7 @@ def build_store(model: nn.Module, prefix: FrozenPrefix, dataset: Dataset, folder
     return FeatureStore.open(folder)
 
 
-class CachedDataset(Dataset):
+class CachedDataset(ExampleDataset):
     """A dataset whose examples carry their cached prefix outputs (images are not decoded at all)."""
 
     def __init__(self, base: TextDataset | ImageDataset, store: FeatureStore):

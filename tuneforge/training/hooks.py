@@ -12,7 +12,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from rich.console import Console
 
-from tuneforge.artifacts import (CHECKPOINT_DIR, METRICS_FILE, MODEL_DIR, ModelInfo, replace_folder, write_model_info)
+from tuneforge.artifacts import CHECKPOINT_DIR, METRICS_FILE, MODEL_DIR, ModelInfo, replace_folder, write_model_info
 from tuneforge.config import Recipe
 from tuneforge.data.common import TaskData
 from tuneforge.errors import TrainingError
@@ -22,6 +22,7 @@ from tuneforge.strategies.freeze import FreezePlan
 from tuneforge.strategies.schedules import PlateauState, refresh_lr
 from tuneforge.tasks.base import Task
 from tuneforge.training.checkpoint import FROZEN_FILE, TrainState, save_checkpoint, storage_error
+
 
 def save_run_model(loaded: LoadedModel, folder: Path, data: TaskData, recipe: Recipe, task: Task,
                    trained: set[str] | None = None) -> None:
@@ -79,7 +80,7 @@ class RunHooks:
         self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
         self.loaded, self.task, self.data, self.eval_loaders = loaded, task, data, eval_loaders
         self.plan, self.plateau = plan, plateau
-        self.spec = run.recipe
+        self.recipe = run.recipe
         self.trained = plan.ever_trainable()
         self.never_trained = {n for n, _ in run.accelerator.unwrap_model(model).named_parameters() if n not in self.trained}
         self.frozen_file: Path | None = None  # this process's last frozen.safetensors, linked into the next checkpoint
@@ -101,7 +102,7 @@ class RunHooks:
         self.run.record({"type": "nonfinite", "step": state.step + 1, "loss": str(loss), "grad_norm": str(grad_norm),
                          "examples": examples})
         shown = ", ".join(examples[:8]) + (f" and {len(examples) - 8} more" if len(examples) > 8 else "")
-        spec = self.spec.train
+        spec = self.recipe.train
         if spec.nonfinite == "stop":
             raise TrainingError([f"non-finite value at step {state.step + 1} ({what}); the weights were not updated "
                                  f"and the last checkpoint is intact. The batch held: {shown}. Lower optim.lr, "
@@ -118,7 +119,7 @@ class RunHooks:
 
     def on_out_of_memory(self, state: TrainState, micro_batch: int, splits: int) -> None:
         self.run.record({"type": "out_of_memory", "step": state.step, "micro_batch": micro_batch, "splits": splits,
-                         "grad_accum_steps": self.spec.train.grad_accum_steps * splits})
+                         "grad_accum_steps": self.recipe.train.grad_accum_steps * splits})
         if self.run.main:
             self.run.console.print(f"[yellow]out of memory at step {state.step}:[/] retrying the step with micro-batches "
                                    f"of {micro_batch} ({splits} per batch); the effective batch is unchanged")
@@ -130,13 +131,13 @@ class RunHooks:
                                    f"lr {record['lr']:.3g}, {record['examples_per_second']:.1f} examples/s")
 
     def on_step_end(self, state: TrainState) -> None:
-        if self.spec.eval.every_steps and state.step % self.spec.eval.every_steps == 0:
+        if self.recipe.eval.every_steps and state.step % self.recipe.eval.every_steps == 0:
             self.evaluate(state)
-        if self.spec.train.checkpoint_every_steps and state.step % self.spec.train.checkpoint_every_steps == 0:
+        if self.recipe.train.checkpoint_every_steps and state.step % self.recipe.train.checkpoint_every_steps == 0:
             self.checkpoint(state)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        if not self.spec.eval.every_steps:
+        if not self.recipe.eval.every_steps:
             self.evaluate(state)
         self.checkpoint(state)
 
@@ -145,13 +146,13 @@ class RunHooks:
             return
         metrics = self.task.evaluate(self.model, self.eval_loaders["validation"], self.run.accelerator)
         self.run.record({"type": "eval", "split": "validation", "step": state.step, "epoch": state.epoch, **metrics})
-        monitored = metrics[self.spec.eval.metric]
+        monitored = metrics[self.recipe.eval.metric]
         if monitored is None:  # e.g. AUC on a validation split that lacks a class
             if self.run.main:
-                self.run.console.print(f"[yellow]step {state.step}: {self.spec.eval.metric} is undefined on this "
+                self.run.console.print(f"[yellow]step {state.step}: {self.recipe.eval.metric} is undefined on this "
                                        "validation split; no model selection at this evaluation[/]")
             return
-        maximise = self.spec.eval.mode == "max"
+        maximise = self.recipe.eval.mode == "max"
         better = state.best_metric is None or (monitored > state.best_metric if maximise else monitored < state.best_metric)
         summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in self.task.summary_keys if metrics.get(k) is not None)
         if self.run.main:
@@ -166,7 +167,7 @@ class RunHooks:
             self.save_best()
 
     def _early_stopping(self, state: TrainState, monitored: float, maximise: bool) -> None:
-        rule = self.spec.eval.early_stopping
+        rule = self.recipe.eval.early_stopping
         if rule is None:
             return
         gain = float("inf") if state.best_metric is None else (
@@ -177,24 +178,24 @@ class RunHooks:
             self.run.record({"type": "early_stop", "step": state.step, "epoch": state.epoch,
                              "best_step": state.best_step, "best": state.best_metric})
             if self.run.main:
-                self.run.console.print(f"early stopping at step {state.step}: {self.spec.eval.metric} has not improved "
+                self.run.console.print(f"early stopping at step {state.step}: {self.recipe.eval.metric} has not improved "
                                        f"by more than {rule.min_delta} in {rule.patience} evaluations")
 
     def _target_reached(self, state: TrainState, monitored: float, maximise: bool) -> None:
-        target = self.spec.eval.target
+        target = self.recipe.eval.target
         if target is None or not (monitored >= target if maximise else monitored <= target):
             return
         state.stopped_early = True
         self.run.record({"type": "target_reached", "step": state.step, "epoch": state.epoch,
-                         "metric": self.spec.eval.metric, "value": monitored, "target": target})
+                         "metric": self.recipe.eval.metric, "value": monitored, "target": target})
         if self.run.main:
-            self.run.console.print(f"target reached at step {state.step}: {self.spec.eval.metric} {monitored:.4f} "
+            self.run.console.print(f"target reached at step {state.step}: {self.recipe.eval.metric} {monitored:.4f} "
                                    f"{'>=' if maximise else '<='} {target}; training stops")
 
     def save_best(self) -> None:
         if self.run.main:
             with storage_errors(self.run.run_dir / MODEL_DIR):
-                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.spec, self.task,
+                save_run_model(self.unwrapped_loaded(), self.run.run_dir / MODEL_DIR, self.data, self.recipe, self.task,
                                trained=self.trained)
         self.run.accelerator.wait_for_everyone()
 
@@ -208,7 +209,7 @@ class RunHooks:
         if self.run.main:
             folder = save_checkpoint(self.run.run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model),
                                      self.optimizer, self.scheduler, accelerator.scaler, state,
-                                     keep=self.spec.train.keep_checkpoints,
+                                     keep=self.recipe.train.keep_checkpoints,
                                      protect={state.best_step} if state.best_step is not None else set(),
                                      frozen=self.never_trained, reuse_frozen=self.frozen_file)
             self.frozen_file = folder / FROZEN_FILE if (folder / FROZEN_FILE).exists() else None

@@ -15,8 +15,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from tuneforge.training.checkpoint import TrainState
 from tuneforge.strategies.freeze import FreezePlan
+from tuneforge.training.checkpoint import TrainState
 
 
 class LoopHooks(Protocol):

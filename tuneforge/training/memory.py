@@ -39,8 +39,8 @@ def _peak_memory(device: torch.device) -> int:
 def _worst_case_batch(dataset, size: int) -> dict:
     """The `size` longest examples (text), or the first `size` (images: all the same size)."""
     order = list(range(len(dataset)))
-    if hasattr(dataset, "lengths"):
-        lengths = dataset.lengths()
+    lengths = dataset.lengths()
+    if lengths is not None:
         order.sort(key=lambda i: -lengths[i])
     picked = [order[i % len(order)] for i in range(size)]
     return dataset.collate([dataset[i] for i in picked])

@@ -20,11 +20,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from tuneforge.artifacts import (CHECKPOINT_DIR, EVAL_FILE, FEATURE_CACHE_DIR, MERGED_DIR, MODEL_DIR, drop_redone_records,
-                                 update_task_state, write_json_atomic)
+from tuneforge.artifacts import (
+    CHECKPOINT_DIR,
+    EVAL_FILE,
+    FEATURE_CACHE_DIR,
+    MERGED_DIR,
+    MODEL_DIR,
+    drop_redone_records,
+    update_task_state,
+    write_json_atomic,
+)
 from tuneforge.config import Recipe, load_recipe
 from tuneforge.data.loaders import make_loader
-from tuneforge.errors import ModelError, ResumeError
+from tuneforge.errors import ModelError, ResumeError, first_line
 from tuneforge.models.adapters import merged_copy
 from tuneforge.models.folder import restore_saved_weights
 from tuneforge.training.assembly import Assembly, assemble, make_accelerator
@@ -126,7 +134,8 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
     if decided is not None:
         record, message = decided
         if run.main:
-            update_task_state(run.run_dir / MODEL_DIR, t.task.state)
+            with storage_errors(run.run_dir / MODEL_DIR):
+                update_task_state(run.run_dir / MODEL_DIR, t.task.state)
             run.console.print(message)
         run.record(record)
     metrics = _final_metrics(run, model, t.task, eval_loaders, state, train_seconds)
@@ -178,7 +187,7 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
             run.console.print(message)
 
     for folder in reversed(complete_checkpoints(run.run_dir / CHECKPOINT_DIR)):
-        problem = verify_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer)
+        problem = verify_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer, scheduler)
         if problem is not None:
             if run.recipe.train.strict_resume:
                 raise ResumeError([f"checkpoint {folder} is damaged ({problem}); train.strict_resume forbids "
@@ -186,8 +195,12 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
             say(f"[yellow]resume: skipping damaged checkpoint {folder}: {problem}[/]")
             run.record({"type": "skipped_checkpoint", "path": str(folder.relative_to(run.run_dir)), "why": problem})
             continue
-        state, warnings = load_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer, scheduler,
-                                          run.accelerator.scaler)
+        try:
+            state, warnings = load_checkpoint(folder, run.accelerator.unwrap_model(model), optimizer, scheduler,
+                                              run.accelerator.scaler)
+        except Exception as error:  # verified, yet not restorable: the model may be half-restored, so no fallback
+            raise ResumeError([f"checkpoint {folder} passed its checks but could not be restored ({type(error).__name__}: "
+                               f"{first_line(error)}); remove it to resume from an older one"]) from None
         for warning in warnings:
             say(f"[yellow]resume: {warning}[/]")
         say(f"resume: continuing from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
@@ -199,6 +212,9 @@ def _resume(run: Run, model, optimizer, scheduler) -> TrainState:
                     "warnings": warnings, "dropped_records": dropped})
         return state
     say(f"[yellow]resume:[/] no usable checkpoint in {run.run_dir / CHECKPOINT_DIR}; starting from step 0")
+    if run.main:  # everything the interrupted attempt recorded is redone
+        with storage_errors(run.metrics_file):
+            drop_redone_records(run.metrics_file, 0)
     return TrainState()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneforge.artifacts import RECIPE_FILE, clear_run_dir, is_run_dir, repair_run_dir
+from tuneforge.artifacts import RECIPE_FILE, clear_run_dir, is_run_dir, leftovers_only, repair_run_dir, write_text_atomic
 from tuneforge.config import Recipe, read_yaml
 from tuneforge.errors import RecipeError, ResumeError
 
@@ -17,7 +17,7 @@ def check_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) 
         raise RecipeError([f"output directory {run_dir} is a file; choose a folder with --output-dir or output.dir"])
     has_run = run_dir.is_dir() and is_run_dir(run_dir)
     foreign = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() and not has_run else []
-    if foreign:
+    if foreign and not leftovers_only(run_dir):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RecipeError([f"output directory {run_dir} is not a tuneforge run directory (it holds {shown}); a run goes "
                            "into a new or empty folder, or replaces an earlier run (--overwrite): choose another "
@@ -41,7 +41,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool
         for repair in repair_run_dir(run_dir):
             print(f"resume: {repair}")
     else:
-        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+        write_text_atomic(run_dir / RECIPE_FILE, recipe.to_yaml())
 
 
 def _check_resumable(saved: dict, recipe: Recipe) -> None:

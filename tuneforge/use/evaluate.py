@@ -17,7 +17,7 @@ def evaluate_run(run: str | Path, data: str | Path, output: str | Path | None = 
     split = read_labelled_file(str(data), predictor.data_spec, type(task), predictor.info)
     targets = type(task).encode_targets(split.labels, predictor.info.label_values, predictor.data_spec)
     dataset = task.dataset(split, targets, loaded.preprocessor)
-    for note in getattr(dataset, "notes", []):
+    for note in dataset.notes:
         print(f"data: {note}")
     metrics = task.evaluate(*task.file_loader(loaded, dataset))
     if output:

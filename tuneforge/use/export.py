@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneforge.artifacts import model_folder, read_model_info, replace_folder, write_model_info
+from tuneforge.artifacts import model_folder, read_model_info, replace_folder, task_of, write_model_info
 from tuneforge.config import AdapterSpec
 from tuneforge.errors import ModelError, StorageError, TuneforgeError
 from tuneforge.models.adapters import merged_copy
-from tuneforge.models.folder import load_model_folder, save_model_folder
+from tuneforge.models.folder import save_model_folder
 from tuneforge.models.loading import LoadedModel, example_inputs
 from tuneforge.use.model_card import write_model_card
-from tuneforge.use.predictor import task_of
+from tuneforge.use.predictor import load_saved
 
 FORMATS = ("hf", "onnx", "torch-export")
 TOLERANCE = 1e-4  # max |exported - PyTorch| on the check inputs, in logits
@@ -148,12 +148,13 @@ def export_run(run: str | Path, fmt: str, output: str | Path, overwrite: bool = 
         raise ModelError([f"--format {fmt} exports one forward pass to logits, and a {info.task} model "
                           f"{task_class.export_note}: export it with --format {' or '.join(task_class.export_formats)} "
                           "(transformers' own classes read it)"])
-    loaded, labels = load_model_folder(source, task_class, factory)
+    info, loaded, task = load_saved(source, factory)
     if fmt == "hf" and loaded.base is not None and not AdapterSpec(**loaded.base["adapter"]).mergeable:
         raise ModelError([f"{source} was trained with adapter.method {loaded.base['adapter']['method']}, whose vectors a "
                           "plain transformers folder has no place for; export it with --format onnx or torch-export"])
     loaded = _plain(loaded)
-    info = task_class.from_info(info, loaded.preprocessor).fold_for_export(loaded, info)
+    info = task.fold_for_export(loaded, info)
+    labels = info.label_names
 
     def write(target: Path) -> float | None:  # into a sibling folder, swapped in whole: never a half-written export
         target.mkdir(parents=True)

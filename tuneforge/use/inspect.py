@@ -7,17 +7,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.artifacts import INFO_FILE, MODEL_DIR, model_folder, read_model_info
+from tuneforge.artifacts import INFO_FILE, MODEL_DIR, model_folder
 from tuneforge.config import ImageSpec, ModelSpec, load_recipe
-from tuneforge.data.common import read_task_data
-from tuneforge.models.adapters import adapter_scope, apply_adapter
-from tuneforge.models.folder import load_model_folder
+from tuneforge.models.adapters import adapter_scope
 from tuneforge.models.groups import layer_groups, render_groups
 from tuneforge.models.loading import LoadedModel
 from tuneforge.strategies.freeze import build_plan, describe_plan
 from tuneforge.tasks.registry import DEFAULT_TASK, get_task
-from tuneforge.training.assembly import training_length
-from tuneforge.use.predictor import task_of
+from tuneforge.training.assembly import load_data_and_model, training_length
+from tuneforge.use.predictor import load_saved
 
 
 def inspect_model(reference: str | None, weights: str | None = None, num_labels: int = 2,
@@ -48,8 +46,7 @@ def _reference_model(reference: str, weights: str | None, num_labels: int, facto
     """A run's model, a Hugging Face folder or Hub id, or a factory ('module:function', with --weights)."""
     path = Path(reference)
     if (path / INFO_FILE).is_file() or (path / MODEL_DIR / INFO_FILE).is_file():
-        folder = model_folder(path)
-        return load_model_folder(folder, task_of(read_model_info(folder), folder), factory)[0]
+        return load_saved(model_folder(path), factory)[1]
     if ":" in reference and not reference.startswith("pkg:") and not path.exists():
         spec = ModelSpec(factory=reference, weights=weights, pretrained=weights is not None)
     else:
@@ -60,10 +57,7 @@ def _reference_model(reference: str, weights: str | None, num_labels: int, facto
 def _recipe_model_and_plan(recipe_path: str, overrides: list[str]) -> tuple[LoadedModel, list[dict], list[str]]:
     """The recipe's model with the recipe's labels, and its freezing plan resolved against it."""
     recipe = load_recipe(recipe_path, overrides)
-    task = get_task(recipe.task.type)
-    data = read_task_data(recipe.data, task, recipe.task)
-    loaded = task.load_model(recipe.model, data.label_names, recipe.data.image)
-    apply_adapter(loaded, recipe.adapter, recipe.model, recipe.data.image)
+    data, loaded = load_data_and_model(recipe, Console(quiet=True), main=False)
     batch = recipe.train.batch_size if recipe.train.batch_size != "auto" else 32  # auto is only known by probing
     updates_per_epoch, total = training_length(-(-len(data.splits["train"]) // batch), recipe.train)
     groups = layer_groups(loaded.model, loaded.head_prefixes)

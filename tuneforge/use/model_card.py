@@ -12,18 +12,17 @@ import json
 import math
 from pathlib import Path
 
-from tuneforge.artifacts import EVAL_FILE, RECIPE_FILE, read_model_info, read_records, run_of
+from tuneforge.artifacts import EVAL_FILE, RECIPE_FILE, read_model_info, read_records, run_of, task_of
 from tuneforge.config import read_yaml
 from tuneforge.tasks.cards import number, table
-from tuneforge.use.predictor import task_of
 
 
 def _first(records: list[dict], kind: str) -> dict:
     return next((r for r in records if r.get("type") == kind), {})
 
 
-def _strategy(recipe: dict, new_head: bool) -> list[str]:
-    freeze, optim, train, task = recipe["model"]["freeze"], recipe["optim"], recipe["train"], recipe["task"]
+def _strategy(recipe: dict, task) -> list[str]:
+    freeze, optim, train = recipe["model"]["freeze"], recipe["optim"], recipe["train"]
     lines = [f"- Freezing plan: `{freeze['strategy']}`"
              + (f", the last {freeze['trainable_blocks']} blocks train" if freeze.get("trainable_blocks") else "")]
     for index, stage in enumerate(freeze.get("stages") or []):
@@ -44,11 +43,8 @@ def _strategy(recipe: dict, new_head: bool) -> list[str]:
     lines.append(f"- Optimizer: AdamW, learning rate {optim['lr']} ({optim.get('lr_strategy', 'single')}), weight decay "
                  f"{optim['weight_decay']}, schedule `{schedule['name']}`" + (f" with warmup {warmup}" if warmup else ""))
     # A pretrained language-model head (the generators') gets no dropout of its own.
-    regularisation = [f"head dropout {recipe['model']['head_dropout']}"] if new_head else []
-    if task.get("label_smoothing"):
-        regularisation.append(f"label smoothing {task['label_smoothing']}")
-    if task.get("class_weights"):
-        regularisation.append(f"class weights {task['class_weights']}")
+    regularisation = [f"head dropout {recipe['model']['head_dropout']}"] if task.adds_head else []
+    regularisation += task.card_regularisation(recipe)
     if optim.get("l2sp"):
         regularisation.append(f"L2-SP {optim['l2sp']}")
     augment = {k: v for k, v in (recipe["data"].get("augment") or {}).items() if v}
@@ -86,7 +82,7 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
              f"records{f' in `{run_dir}`' if run_dir is not None else ''}; what they do not hold is marked unknown.", "",
              *_model_section(info, task, recipe, records, fmt, max_abs_diff), *task.card_details(info, recipe),
              "", "## Training data", "", *_data_section(data, task),
-             "", "## Fine-tuning strategy", "", *(_strategy(recipe, task.new_head) if recipe else ["Unknown: no recipe.yaml."]),
+             "", "## Fine-tuning strategy", "", *(_strategy(recipe, task) if recipe else ["Unknown: no recipe.yaml."]),
              "", "## Training", "", *_training_section(result),
              "", "## Evaluation", "", *_evaluation_section(result, task)]
     sources = ", ".join(f"`{s['source']}`" for s in data.get("splits", {}).values()) or "unknown"

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneforge.artifacts import ModelInfo, model_folder, read_model_info
+from pydantic import ValidationError
+
+from tuneforge.artifacts import ModelInfo, model_folder, read_model_info, task_of
 from tuneforge.config import DataSpec
-from tuneforge.errors import ModelError
+from tuneforge.errors import ModelError, first_line
 from tuneforge.models.factory import Factory
 from tuneforge.models.folder import load_model_folder
+from tuneforge.models.loading import LoadedModel
 from tuneforge.tasks.base import Task
-from tuneforge.tasks.registry import find_task, task_names
 
 
 class Predictor:
     def __init__(self, path: str | Path, factory: str | Factory | None = None):
         self.folder = model_folder(path)
-        self.info = read_model_info(self.folder)
-        task_class = task_of(self.info, self.folder)
-        self.loaded, self.labels = load_model_folder(self.folder, task_class, factory)
+        self.info, self.loaded, self.task = load_saved(self.folder, factory)
         self.loaded.model.eval()
-        self.task = task_class.from_info(self.info, self.loaded.preprocessor)
         self.modality = self.loaded.modality
         self.data_spec = DataSpec(**self.info.data)  # the columns and format the model was trained on
 
@@ -53,14 +52,23 @@ class Predictor:
         return [self.task.prepare_input(item, index, self.modality) for index, item in enumerate(items)]
 
 
-def task_of(info: ModelInfo, folder: Path) -> type[Task]:
-    """The registered task a saved model names (tuneforge's own, an installed plug-in's, or one the user's code
-    registered); the name is only looked up, never imported."""
-    task_class = find_task(info.task)
-    if task_class is None:
-        raise ModelError([f"{folder} holds a model of the task {info.task!r}, which is not registered here (known: "
-                          f"{', '.join(task_names())}); install or import the package that registers it"])
-    return task_class
+def load_saved(folder: Path, factory: str | Factory | None = None) -> tuple[ModelInfo, LoadedModel, Task]:
+    """A model folder's description, its model (every weight checked) and its task, each checked against the
+    others: a folder is data from anyone, and what does not fit is a ModelError, never a wrong prediction."""
+    info = read_model_info(folder)
+    task_class = task_of(info, folder)
+    loaded, labels = load_model_folder(folder, task_class, factory)
+    expected = task_class.head_labels(info.label_names)
+    if info.label_names and len(labels) != len(expected):
+        raise ModelError([f"{folder}: the model has {len(labels)} outputs but tuneforge.json names "
+                          f"{len(info.label_names)} labels, for {len(expected)} outputs; the folder is damaged: "
+                          "export or train it again"])
+    try:
+        task = task_class.from_info(info, loaded.preprocessor)
+    except (ValidationError, KeyError, TypeError, ValueError) as error:
+        raise ModelError([f"{folder / 'tuneforge.json'}: the {info.task} task's settings or state are damaged "
+                          f"({type(error).__name__}: {first_line(error)})"]) from None
+    return info, loaded, task
 
 
 def load(path: str | Path, factory: str | Factory | None = None) -> Predictor:

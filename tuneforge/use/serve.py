@@ -26,6 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
 from tuneforge.config import read_yaml
 from tuneforge.errors import TuneforgeError
 from tuneforge.use.predictor import Predictor
@@ -242,12 +243,21 @@ async def _body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _received(read, timeout: float):
+    """A request body's reading, within the request's time: a client that sends its body slowly (or never) would
+    otherwise hold one of the places in flight for as long as it likes, and enough of them lock every client out."""
+    try:
+        return await asyncio.wait_for(read, timeout)
+    except asyncio.TimeoutError:
+        raise _BadRequest(408, f"the request body did not arrive within {timeout:g} s") from None
+
+
 async def _read_inputs(request, predictor: Predictor, settings: ServeSettings) -> tuple[bool, list]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        single, items = False, await _form_inputs(request, predictor, settings.max_inputs)
+        single, items = False, await _received(_form_inputs(request, predictor, settings.max_inputs), settings.timeout_s)
     else:
-        payload = _parse_json(await _body(request, settings.max_body_bytes))
+        payload = _parse_json(await _received(_body(request, settings.max_body_bytes), settings.timeout_s))
         if not isinstance(payload, dict) or ("input" in payload) == ("inputs" in payload):
             raise _BadRequest(422, 'give exactly one of "input" (one example) or "inputs" (a list)')
         single = "input" in payload
