@@ -11,6 +11,7 @@ docs/architecture.md).
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 from abc import ABC, abstractmethod
@@ -387,3 +388,8 @@ def mean_token_loss(per_example) -> tuple[float, int]:
     tokens = sum(count for _, count in per_example)
     return total / max(tokens, 1), int(tokens)
 
+
+def torchmetrics_functions(kind: str):
+    """torchmetrics' functions of one kind ('classification', 'regression'), imported when first needed:
+    importing torchmetrics takes seconds, and `tuneforge --help` should not wait for it."""
+    return importlib.import_module(f"torchmetrics.functional.{kind}")

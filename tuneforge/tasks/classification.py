@@ -13,6 +13,7 @@ from pydantic import Field
 from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, label_key, missing, natural, rows_listing
 from tuneforge.errors import RecipeError
+from tuneforge.tasks.base import torchmetrics_functions
 from tuneforge.tasks.cards import per_class_table, rarest
 from tuneforge.tasks.labels import LabelTask
 from tuneforge.tasks.registry import register_task
@@ -28,14 +29,6 @@ class ClassificationSpec(TaskSpec):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="loss weight per class: 'balanced' (n / (k * count)) or one weight per label")
-
-
-def _metrics():
-    """torchmetrics' classification functions; imported when first needed (importing torchmetrics takes seconds, and
-    `tuneforge --help` should not wait for it)."""
-    from torchmetrics.functional import classification
-
-    return classification
 
 
 @register_task
@@ -138,7 +131,7 @@ class ClassificationTask(LabelTask):
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """All metrics by name; computed with torchmetrics on the full split at once."""
-        tmf = _metrics()
+        tmf = torchmetrics_functions("classification")
         logits, labels = logits.float(), labels.long()
         probabilities = logits.softmax(-1)
         predicted = probabilities.argmax(-1)
@@ -169,7 +162,7 @@ class ClassificationTask(LabelTask):
 
         Undefined (None) when a class has no examples in the split.
         """
-        tmf = _metrics()
+        tmf = torchmetrics_functions("classification")
         present = torch.bincount(labels, minlength=self.num_classes)
         if self.num_classes == 2:
             if (present == 0).any():

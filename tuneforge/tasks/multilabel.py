@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, label_key, missing, natural, rows_listing
-from tuneforge.tasks.base import predict_logits
+from tuneforge.tasks.base import predict_logits, torchmetrics_functions
 from tuneforge.tasks.cards import label_table, per_class_table, rarest
 from tuneforge.tasks.labels import LabelTask
 from tuneforge.tasks.registry import register_task
@@ -35,14 +35,6 @@ class MultiLabelSpec(TaskSpec):
         if value != "tune" and not 0.0 < value < 1.0:
             raise ValueError("threshold must be between 0 and 1 (exclusive), or tune")
         return value
-
-
-def _metrics():
-    """torchmetrics' classification functions; imported when first needed (importing torchmetrics takes seconds, and
-    `tuneforge --help` should not wait for it)."""
-    from torchmetrics.functional import classification
-
-    return classification
 
 
 @register_task
@@ -136,7 +128,7 @@ class MultiLabelTask(LabelTask):
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor, threshold: float | None = None) -> dict:
         """Micro and macro F1, precision and recall, macro AUC (torchmetrics), exact match (every label of
         an example right), all at the task's threshold."""
-        tmf = _metrics()
+        tmf = torchmetrics_functions("classification")
         probabilities, targets = logits.float().sigmoid(), targets.long()
         k, t = len(self.label_names), self.threshold if threshold is None else threshold
         result = {"num_examples": int(targets.shape[0]), "loss": float(self.loss(logits, targets)), "threshold": t}
@@ -159,7 +151,7 @@ class MultiLabelTask(LabelTask):
 
     def tune(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The threshold with the best micro F1 on these examples (the lowest of equals); it becomes the task's."""
-        tmf = _metrics()
+        tmf = torchmetrics_functions("classification")
         probabilities, targets, k = logits.float().sigmoid(), targets.long(), len(self.label_names)
         scores = [(float(tmf.multilabel_f1_score(probabilities, targets, k, threshold=t, average="micro")), -t)
                   for t in THRESHOLDS]

@@ -18,6 +18,7 @@ from tuneforge.config import DataSpec, Recipe, TaskSpec
 from tuneforge.data.common import Split, TaskData, rows_listing
 from tuneforge.data.tables import label_columns
 from tuneforge.errors import ModelError
+from tuneforge.tasks.base import torchmetrics_functions
 from tuneforge.tasks.cards import number, table
 from tuneforge.tasks.labels import LabelTask
 from tuneforge.tasks.registry import register_task
@@ -32,14 +33,6 @@ class RegressionSpec(TaskSpec):
         if self.labels is not None:
             raise ValueError("task.labels names classes; a regression's targets are data.label_column")
         return self
-
-
-def _metrics():
-    """torchmetrics' regression functions; imported when first needed (importing torchmetrics takes seconds, and
-    `tuneforge --help` should not wait for it)."""
-    from torchmetrics.functional import regression
-
-    return regression
 
 
 @register_task
@@ -203,7 +196,7 @@ class RegressionTask(LabelTask):
 
 
 def _scores(predicted: torch.Tensor, targets: torch.Tensor) -> dict:
-    tmr = _metrics()
+    tmr = torchmetrics_functions("regression")
     mse = float(tmr.mean_squared_error(predicted, targets))
     r2 = float(tmr.r2_score(predicted, targets)) if len(targets) > 1 and targets.std() > 0 else None
     return {"mse": mse, "rmse": mse ** 0.5, "mae": float(tmr.mean_absolute_error(predicted, targets)), "r2": r2}
