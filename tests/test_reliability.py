@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -378,6 +379,10 @@ def test_a_kill_while_a_step_is_saved_again_keeps_that_step(tiny_bert_dir, unint
     monkeypatch.undo()
     assert [c.name for c in complete_checkpoints(folder.parent)] == ["step-00000003", "step-00000006"]
     assert (folder / "state.json").read_text() == first
+    # A kill after the new one landed but before the old one was removed: the old one goes, the new one stays.
+    shutil.copytree(folder, folder.parent / ".step-00000006.old")
+    assert [c.name for c in complete_checkpoints(folder.parent)] == ["step-00000003", "step-00000006"]
+    assert not (folder.parent / ".step-00000006.old").exists() and (folder / "state.json").read_text() == first
 
 
 @pytest.mark.parametrize("damage", ["rng-without-torch", "python-state", "scheduler-null", "epoch-text",

@@ -166,7 +166,9 @@ def complete_checkpoints(directory: Path) -> list[Path]:
         return []
     for old in directory.glob(f".{PREFIX}*.old"):
         final = directory / old.name[1:-len(".old")]
-        if not final.exists():
+        if final.exists():  # the new one landed; the kill came before the old one was removed
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             os.rename(old, final)
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=_step)
