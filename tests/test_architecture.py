@@ -21,6 +21,7 @@ LAYERS = [
     ("tuneforge.tasks",),
     ("tuneforge.training",),
     ("tuneforge.use",),
+    ("tuneforge.tuning",),
     ("tuneforge.api", "tuneforge.cli", "tuneforge.__main__", "tuneforge"),
 ]
 

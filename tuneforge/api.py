@@ -3,6 +3,7 @@ made of for code that composes its own run.
 
     tuneforge.finetune("recipe.yaml", ["train.epochs=1"])   # train: returns the run directory and eval.json
     tuneforge.load("runs/x").predict([...])                 # a finished model, ready to predict
+    tuneforge.tune("recipe.yaml", trials=20)                # search: returns the study's summary
     load_model(spec, labels, image_spec, "classification")  # a pretrained model with a task's new head
 """
 
@@ -17,6 +18,8 @@ from tuneforge.models.factory import Factory
 from tuneforge.models.loading import LoadedModel
 from tuneforge.tasks.registry import DEFAULT_TASK, get_task
 from tuneforge.training.run import RunResult, finetune
+from tuneforge.tuning.report import StudySummary
+from tuneforge.tuning.study import tune
 from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.use.predictor import Predictor, load, load_saved
 
@@ -38,5 +41,5 @@ def load_task_data(data_spec: DataSpec, task_spec: TaskSpec) -> TaskData:
     return read_task_data(data_spec, get_task(task_spec.type), task_spec)
 
 
-__all__ = ["Predictor", "RunResult", "evaluate_run", "finetune", "load", "load_model", "load_model_folder",
-           "load_task_data", "predict_run"]
+__all__ = ["Predictor", "RunResult", "StudySummary", "evaluate_run", "finetune", "load", "load_model", "load_model_folder",
+           "load_task_data", "predict_run", "tune"]

@@ -21,6 +21,7 @@ if torch.distributed.is_available():
 from tuneforge.errors import RecipeError, TuneforgeError
 from tuneforge.training.lr_find import find_lr
 from tuneforge.training.run import finetune
+from tuneforge.tuning.study import tune
 from tuneforge.use.evaluate import evaluate_run, predict_run
 from tuneforge.use.export import export_run
 from tuneforge.use.inspect import inspect_model
@@ -29,6 +30,11 @@ from tuneforge.use.serve import ServeSettings, serve
 
 def _train(args) -> None:
     finetune(args.recipe, args.overrides, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def _tune(args) -> None:
+    tune(args.recipe, args.overrides, trials=args.trials, timeout=args.timeout, storage=args.storage, study=args.study,
+         workers=args.workers, output_dir=args.output_dir, worker_index=args.worker_index)
 
 
 def _lr_find(args) -> None:
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.set_defaults(handler=_train)
 
+    _add_tune(commands)
+
     lr_find = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest an LR")
     lr_find.add_argument("recipe", help="YAML recipe")
     lr_find.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr_strategy=single")
@@ -123,6 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     export.set_defaults(handler=_export)
 
+    _add_serve(commands)
+
+    inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
+    inspect.add_argument("model", nargs="?", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', "
+                         "or a run directory (with --recipe: the recipe's model)")
+    inspect.add_argument("--recipe", help="also show, per stage of this recipe's freezing plan, what trains")
+    inspect.add_argument("overrides", nargs="*", help="key.path=value overrides for --recipe")
+    inspect.add_argument("--weights", help="weights file for a 'module:function' model")
+    inspect.add_argument("--num-labels", type=int, default=2, help="size of the head to attach (default 2)")
+    inspect.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _add_tune(commands) -> None:
+    tune = commands.add_parser("tune", help="search strategies and hyperparameters (Optuna); the first trial is "
+                                            "the recipe as written")
+    tune.add_argument("recipe", help="YAML recipe; its search section says what to search (default: the task's space)")
+    tune.add_argument("overrides", nargs="*", help="key.path=value overrides of the recipe")
+    tune.add_argument("--trials", type=int, default=10, help="how many more trials to run (default 10; split between "
+                                                             "--workers)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user:pass@host/db "
+                                        "(default: STUDY/study.db, SQLite)")
+    tune.add_argument("--study", help="study name in the storage (default: the recipe's name)")
+    tune.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (default 1)")
+    tune.add_argument("--output-dir", help="study folder (default: the recipe's output.dir + -tune)")
+    tune.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers for its processes
+    tune.set_defaults(handler=_tune)
+
+
+def _add_serve(commands) -> None:
     defaults = ServeSettings()
     serve = commands.add_parser("serve", help="serve a model over HTTP (POST /predict, /health, /ready, /metadata)")
     serve.add_argument("run", help="run directory, its model/ folder, or an hf export")
@@ -138,17 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token-env", help="require 'Authorization: Bearer TOKEN', TOKEN read from this environment variable")
     serve.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
     serve.set_defaults(handler=_serve)
-
-    inspect = commands.add_parser("inspect", help="show a model's layer groups with parameter counts")
-    inspect.add_argument("model", nargs="?", help="Hugging Face folder / Hub id / pkg:PACKAGE/dir, 'module:function', "
-                         "or a run directory (with --recipe: the recipe's model)")
-    inspect.add_argument("--recipe", help="also show, per stage of this recipe's freezing plan, what trains")
-    inspect.add_argument("overrides", nargs="*", help="key.path=value overrides for --recipe")
-    inspect.add_argument("--weights", help="weights file for a 'module:function' model")
-    inspect.add_argument("--num-labels", type=int, default=2, help="size of the head to attach (default 2)")
-    inspect.add_argument("--trust-factory", metavar="REF", help=TRUST_FACTORY_HELP)
-    inspect.set_defaults(handler=_inspect)
-    return parser
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -239,6 +239,12 @@ def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML path, a dict or a Recipe, then apply 'key.path=value' overrides."""
+    raw, name = raw_recipe(source, overrides)
+    return parse_recipe(raw, source=name)
+
+
+def raw_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> tuple[dict, str]:
+    """A recipe as written, overrides applied, before ${VAR} expansion and validation; and where it came from."""
     if isinstance(source, Recipe):
         raw, name = source.model_dump(mode="json"), "recipe"
     elif isinstance(source, dict):
@@ -255,4 +261,4 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
         name = str(path)
     if overrides and isinstance(raw, dict):  # a non-mapping is reported as such by parse_recipe
         raw = apply_overrides(raw, overrides)
-    return parse_recipe(raw, source=name)
+    return raw, name

@@ -15,6 +15,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from tuneforge.config.base import Section
 from tuneforge.config.data import DataSpec
 from tuneforge.config.model import AdapterSpec, ModelSpec
+from tuneforge.config.search import SearchSpec
 from tuneforge.config.training import EvalSpec, OptimSpec, OutputSpec, TrainSpec
 from tuneforge.tasks.registry import DEFAULT_TASK, TASK_TYPES_HELP, find_task, get_task, task_names
 
@@ -73,6 +74,7 @@ class Recipe(Section):
     eval: EvalSpec = EvalSpec()
     adapter: AdapterSpec = AdapterSpec()
     output: OutputSpec = OutputSpec()
+    search: SearchSpec | None = Field(None, description="what `tuneforge tune` searches over; `train` ignores it")
 
     @field_validator("name")
     @classmethod
@@ -135,4 +137,6 @@ class Recipe(Section):
         return Path(self.output.dir.format(name=self.name))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # Without a search section when there is none: a run's recipe.yaml then reads as it always has.
+        return yaml.safe_dump(self.model_dump(mode="json", exclude={"search"} if self.search is None else None),
+                              sort_keys=False)

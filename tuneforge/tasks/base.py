@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import io
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -27,6 +26,7 @@ from tuneforge.data.common import Split, TaskData
 from tuneforge.data.loaders import make_loader
 from tuneforge.errors import DataError, ModelError
 from tuneforge.models.loading import LoadedModel
+from tuneforge.strategies.search import default_space
 from tuneforge.tasks.cards import label_table
 from tuneforge.tasks.registry import get_task, task_names
 
@@ -111,6 +111,11 @@ class Task(ABC):
     @classmethod
     def modality_of(cls, split: Split) -> str:
         return "image" if split.image_paths is not None else "text"
+
+    @classmethod
+    def search_space(cls, recipe: Recipe, blocks: int) -> dict:
+        """What `tuneforge tune` searches when the recipe names no space (`blocks`: the model's block count)."""
+        return default_space(recipe, blocks, cls.adds_head)
 
     @classmethod
     def head_labels(cls, labels: list[str]) -> list[str]:
@@ -306,42 +311,6 @@ def write_predictions(task: Task, rows: list[str], predictions: list[dict], outp
         with output.open("w") as file:
             for row, prediction in zip(rows, predictions):
                 file.write(json.dumps({"row": row, **prediction}) + "\n")
-
-
-def check_text_input(item, index: int, pairs: bool):
-    """A text (or a [text, pair] list) to predict, as valid Unicode."""
-    if not (is_pair(item) if pairs else isinstance(item, str)):
-        raise DataError([f"input {index} must be a [text, pair] list of two strings" if pairs else f"input {index} is not text"])
-    check_unicode(item if pairs else [item], index)
-    return item
-
-
-def open_image_input(item, index: int):
-    """A PIL image, a path or the bytes of an image file, opened as RGB."""
-    try:
-        if isinstance(item, Image.Image):
-            return item.convert("RGB")
-        source = io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
-        raise DataError([f"input {index} is not a readable image ({type(error).__name__}: {error})"]) from None
-
-
-def is_pair(item) -> bool:
-    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
-
-
-def check_unicode(texts, index: int) -> None:
-    """A Python str may hold a lone surrogate (JSON's "\\ud800" decodes to one) that no UTF-8 encoder or tokenizer
-    takes. Found here it is this input's error; found in the tokenizer it would fail every input batched with it."""
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            # repr, so that the message itself stays encodable
-            raise DataError([f"input {index} is not valid Unicode: it holds the lone surrogate "
-                             f"{text[error.start]!r}"]) from None
 
 
 def predict_logits(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:

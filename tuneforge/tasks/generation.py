@@ -19,7 +19,8 @@ from tuneforge.errors import DataError, ModelError
 from tuneforge.limits import MAX_COUNT
 from tuneforge.models.loading import LoadedModel, open_hf_model
 from tuneforge.models.text import CaptionProcessor, load_captioning, set_special_tokens
-from tuneforge.tasks.base import example_nll, gather_by_index, mean_token_loss, open_image_input
+from tuneforge.tasks.base import example_nll, gather_by_index, mean_token_loss
+from tuneforge.tasks.inputs import open_image_input
 from tuneforge.tasks.registry import register_task
 from tuneforge.tasks.text import TextSpec, TextTask
 from tuneforge.tasks.text_metrics import generation_scores

@@ -14,7 +14,8 @@ from tuneforge.errors import DataError
 from tuneforge.models.folder import saved_image_processor
 from tuneforge.models.heads import hf_head_prefixes
 from tuneforge.models.loading import LoadedModel, load_hf_with_head, open_hf_model, require_model_type
-from tuneforge.tasks.base import Task, open_image_input, write_predictions
+from tuneforge.tasks.base import Task, write_predictions
+from tuneforge.tasks.inputs import open_image_input
 
 
 class ImageTask(Task):

@@ -18,7 +18,8 @@ from tuneforge.models.factory import load_factory_model
 from tuneforge.models.folder import saved_image_processor, saved_tokenizer
 from tuneforge.models.heads import hf_head_prefixes
 from tuneforge.models.loading import NO_REMOTE_CODE, LoadedModel, hf_modality, load_hf_with_head, open_hf_model
-from tuneforge.tasks.base import Task, check_text_input, is_pair, open_image_input, predict_logits, write_predictions
+from tuneforge.tasks.base import Task, predict_logits, write_predictions
+from tuneforge.tasks.inputs import check_text_input, is_pair, open_image_input
 
 
 class LabelTask(Task):

@@ -20,7 +20,8 @@ from tuneforge.errors import DataError, ModelError, listing
 from tuneforge.limits import MAX_COUNT
 from tuneforge.models.heads import add_head_dropout, hf_head_prefixes
 from tuneforge.models.loading import LoadedModel
-from tuneforge.tasks.base import check_unicode, gather_by_index, is_pair
+from tuneforge.tasks.base import gather_by_index
+from tuneforge.tasks.inputs import check_unicode, is_pair
 from tuneforge.tasks.registry import register_task
 from tuneforge.tasks.text import TextSpec, TextTask
 from tuneforge.tasks.text_metrics import squad_scores

@@ -15,7 +15,8 @@ from tuneforge.errors import DataError
 from tuneforge.models.folder import saved_tokenizer
 from tuneforge.models.loading import LoadedModel, open_hf_model, require_model_type
 from tuneforge.models.text import lm_head_prefixes, load_text_model, set_special_tokens
-from tuneforge.tasks.base import Task, check_unicode
+from tuneforge.tasks.base import Task
+from tuneforge.tasks.inputs import check_unicode
 
 
 class TextSpec(TaskSpec):

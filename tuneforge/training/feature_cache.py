@@ -180,7 +180,8 @@ def build_store(model: nn.Module, prefix: FrozenPrefix, dataset: Dataset, folder
     # Shortest first, so that batches of similar length pad almost nothing.
     loader = DataLoader(dataset, batch_size=batch_size, sampler=length_order(dataset), collate_fn=dataset.collate,
                         num_workers=loader_workers(workers, dataset))
-    partial = folder.with_name(folder.name + ".partial")
+    # Named per process: trials of a study running side by side may build the same store at once.
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     lengths = dataset.lengths() if per_token else [1] * len(dataset)
@@ -210,7 +211,12 @@ def build_store(model: nn.Module, prefix: FrozenPrefix, dataset: Dataset, folder
     (partial / "meta.json").write_text(json.dumps({"key": key, "per_token": per_token, "boundary": prefix.boundary,
                                                    "examples": len(dataset)}))
     shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # a store is complete or absent, never half-written
+    try:
+        partial.rename(folder)  # a store is complete or absent, never half-written
+    except OSError:  # another process put the same store there in the meantime: use it
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (meta.exists() and json.loads(meta.read_text()).get("key") == key):
+            raise
     return FeatureStore.open(folder)
 
 

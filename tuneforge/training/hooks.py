@@ -57,9 +57,10 @@ def storage_errors(target: Path):
 class Run:
     """State shared by the hooks of one training run."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console):
+    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console, trial=None):
         self.recipe, self.run_dir, self.accelerator, self.console = recipe, run_dir, accelerator, console
         self.metrics_file = run_dir / METRICS_FILE
+        self.trial = trial  # run.TrialLink: how a search's trial differs from a plain run
 
     @property
     def main(self) -> bool:
@@ -84,6 +85,7 @@ class RunHooks:
         self.trained = plan.ever_trainable()
         self.never_trained = {n for n, _ in run.accelerator.unwrap_model(model).named_parameters() if n not in self.trained}
         self.frozen_file: Path | None = None  # this process's last frozen.safetensors, linked into the next checkpoint
+        self.batches_per_epoch = 0  # set by the run once the training loader is ready
 
     def on_stage(self, state: TrainState, index: int) -> None:
         stage = self.plan.stages[index]
@@ -165,6 +167,9 @@ class RunHooks:
         if better:
             state.best_metric, state.best_step = monitored, state.step
             self.save_best()
+        if self.run.trial is not None and self.run.trial.on_validation is not None:
+            epochs = state.epoch + state.batch_in_epoch / max(self.batches_per_epoch, 1)
+            self.run.trial.on_validation(epochs, metrics)  # a search's pruner may stop the run here
 
     def _early_stopping(self, state: TrainState, monitored: float, maximise: bool) -> None:
         rule = self.recipe.eval.early_stopping

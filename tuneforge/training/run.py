@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +50,20 @@ class RunResult:
     metrics: dict  # the content of eval.json
 
 
+@dataclass(frozen=True)
+class TrialLink:
+    """What a run of a search (tune.py) needs from it: splits kept out of the final evaluation (the test split:
+    trials are compared on validation only), a call after each validation (a pruner's report, which may stop the
+    run by raising), and a feature cache folder shared by the trials, kept after the run."""
+
+    held_out: tuple[str, ...] = ("test",)
+    on_validation: Callable[[float, dict], None] | None = None  # (epochs trained, validation metrics)
+    feature_cache: Path | None = None
+
+
 def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, output_dir: str | Path | None = None,
-             resume: bool = False, overwrite: bool = False, console: Console | None = None) -> RunResult:
+             resume: bool = False, overwrite: bool = False, console: Console | None = None,
+             trial: TrialLink | None = None) -> RunResult:
     """Fine-tune as the recipe says; returns the run directory and the final metrics (eval.json)."""
     recipe = load_recipe(recipe, overrides)
     if output_dir is not None:
@@ -65,25 +78,29 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     if accelerator.is_main_process:
         prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
     accelerator.wait_for_everyone()
-    run = Run(recipe, run_dir, accelerator, console)
-    t, replay_hooks = use_feature_cache(recipe, t, run, accelerator) if t.prefix is not None else (t, [])
+    run = Run(recipe, run_dir, accelerator, console, trial or TrialLink(held_out=()))
+    cache = run.trial.feature_cache or run_dir / FEATURE_CACHE_DIR
+    t, replay_hooks = use_feature_cache(recipe, t, run, accelerator, cache) if t.prefix is not None else (t, [])
     with remove_hooks(replay_hooks):
         result = _train_and_evaluate(recipe, t, run, accelerator, resume, cached=bool(replay_hooks))
-    if accelerator.is_main_process:  # only an interrupted run, resumed, would read the cache again
-        shutil.rmtree(run_dir / FEATURE_CACHE_DIR, ignore_errors=True)
+    if accelerator.is_main_process and run.trial.feature_cache is None:  # only a resumed run would read it again
+        shutil.rmtree(cache, ignore_errors=True)
     return result
 
 
-def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator) -> tuple[Assembly, list]:
-    """The assembly with its train and validation loaders reading the cache, and the replay hooks to remove at
-    the end (the assembly as it was, and none, when the cache cannot be used)."""
+def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator,
+                      folder: Path) -> tuple[Assembly, list]:
+    """The assembly with its train and validation loaders reading the cache in `folder`, and the replay hooks to
+    remove at the end (the assembly as it was, and none, when the cache cannot be used)."""
     started = time.perf_counter()
     model = t.loaded.model.to(accelerator.device)
     splits = {name: t.loaders.datasets[name] for name in ("train", "validation") if name in t.loaders.datasets}
     eval_batch = recipe.eval.batch_size or 2 * recipe.train.batch_size
     try:
-        with storage_errors(run.run_dir / FEATURE_CACHE_DIR):  # a full disk: a clear message, nothing else lost
-            cached, handles = cache_splits(model, t.prefix, splits, run.run_dir / FEATURE_CACHE_DIR, eval_batch,
+        with storage_errors(folder):  # a full disk: a clear message, nothing else lost
+            # A study's shared cache holds one store per prefix (trials freeze different depths).
+            where = folder / t.prefix.boundary if run.trial.feature_cache else folder
+            cached, handles = cache_splits(model, t.prefix, splits, where, eval_batch,
                                            accelerator.device, recipe.data.num_workers)
     except (ValueError, TypeError) as error:
         if recipe.train.cache_features is True:
@@ -114,14 +131,16 @@ def _train_and_evaluate(recipe: Recipe, t: Assembly, run: Run, accelerator: Acce
             run.console.print("[yellow]train.compile: skipped, the feature cache already removes the frozen layers' work[/]")
         else:
             t.loaded.model.compile()  # in place: parameter names and state dicts stay as they are
-    names = list(t.loaders.evaluation)
+    evaluation = {name: loader for name, loader in t.loaders.evaluation.items() if name not in run.trial.held_out}
+    names = list(evaluation)
     model, optimizer, train_loader, *prepared = accelerator.prepare(t.loaded.model, o.optimizer, t.loaders.train,
-                                                                    *t.loaders.evaluation.values())
+                                                                    *evaluation.values())
     eval_loaders = dict(zip(names, prepared))
     state = _resume(run, model, optimizer, o.scheduler) if resume else TrainState()
     if o.plateau is not None and state.plateau:
         o.plateau.load_state_dict(state.plateau)
     hooks = RunHooks(run, model, optimizer, o.scheduler, t.loaded, t.task, t.data, eval_loaders, o.plan, o.plateau)
+    hooks.batches_per_epoch = len(train_loader)
     _record_start(recipe, t, run, hooks, accelerator)
     started = time.perf_counter()
     state = fit(model=model, task=t.task, loader=train_loader, sampler=t.loaders.sampler, optimizer=optimizer,

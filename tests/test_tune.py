@@ -1,0 +1,294 @@
+"""tuneforge tune: the first trial is the recipe as written, pruning stops what the median says is worse, the
+test split is used once, best-recipe.yaml reproduces the best trial, studies continue, and workers share one
+study in SQLite and in a real PostgreSQL server without losing or repeating a trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import script_accuracy, text_recipe
+from safetensors.torch import load_file
+
+import tuneforge
+from tuneforge import finetune
+from tuneforge.cli import main as cli
+from tuneforge.errors import RecipeError
+from tuneforge.tuning import report
+
+LR_ONLY = {"space": {"optim.lr": {"float": [1e-3, 2e-2], "log": True}}}
+
+
+def _recipe(tiny_bert_dir, text_data, tmp_path, search=None, **train) -> dict:
+    recipe = text_recipe(tiny_bert_dir, text_data, tmp_path / "run", **train)
+    if search is not None:
+        recipe["search"] = search
+    return recipe
+
+
+def _trials(study_dir: Path) -> list:
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).get_trials()
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_the_first_trial_is_the_recipe_as_written_and_the_test_split_is_used_once(tiny_bert_dir, text_data, tmp_path,
+                                                                                   monkeypatch):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "keep_models": 1})
+    calls = []
+    real = report.evaluate_split
+    monkeypatch.setattr(report, "evaluate_split", lambda *args: calls.append(args[2]) or real(*args))
+    summary = tuneforge.tune(recipe, trials=3, output_dir=tmp_path / "study")
+
+    plain = finetune({k: v for k, v in recipe.items() if k != "search"}, output_dir=tmp_path / "plain")
+    first = tmp_path / "study" / "trials" / "trial-0000"
+    assert json.loads((first / "trial.json").read_text())["values"] == {"optim.lr": recipe["optim"]["lr"]}
+    # Trial 0 trains exactly what `tuneforge train` trains: the same validation figure and the same weights.
+    trained = json.loads((first / "eval.json").read_text())
+    assert trained["splits"]["validation"] == plain.metrics["splits"]["validation"]
+    assert summary.as_written_value == plain.metrics["splits"]["validation"]["accuracy"]
+    if (first / "model").is_dir():
+        ours, theirs = load_file(first / "model" / "model.safetensors"), load_file(plain.run_dir / "model" / "model.safetensors")
+        assert all((ours[k] == theirs[k]).all() for k in theirs)
+
+    # Trials are compared on validation only; the test split is measured once, for the best trial.
+    for folder in (tmp_path / "study" / "trials").iterdir():
+        if (folder / "eval.json").exists():
+            assert set(json.loads((folder / "eval.json").read_text())["splits"]) == {"validation"}
+    assert calls == ["test"] and summary.test is not None and "accuracy" in summary.test
+    assert summary.best_value >= summary.as_written_value  # never worse than not searching
+    # The models of all but the best trial are gone (keep_models: 1); records stay.
+    models = sorted(f.parent.name for f in (tmp_path / "study" / "trials").glob("*/model"))
+    assert models == [f"trial-{summary.best_trial:04d}"]
+
+    # Continued with the same recipe: more trials, the test split not looked at again for the same best.
+    again = tuneforge.tune(recipe, trials=2, output_dir=tmp_path / "study")
+    assert sum(again.states.values()) == 5
+    assert calls.count("test") == (1 if again.best_trial == summary.best_trial else 2)
+
+
+def test_best_recipe_retrains_to_the_same_validation_metric(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={"space": {
+        "optim.lr": {"float": [1e-3, 2e-2], "log": True},
+        "model.freeze.strategy": {"categorical": ["full", "partial", "head_only"]},
+        "model.freeze.trainable_blocks": {"int": [1, 2], "when": {"model.freeze.strategy": "partial"}}}})
+    script_accuracy(monkeypatch, [0.3] * 3)  # the recipe as written looks poor, so another trial is the best
+    summary = tuneforge.tune(recipe, trials=4, output_dir=tmp_path / "study")
+    assert summary.best_trial != 0
+    best = yaml.safe_load(summary.best_recipe.read_text())
+    assert "search" not in best and best["output"]["dir"] == recipe["output"]["dir"]
+    retrained = finetune(summary.best_recipe, output_dir=tmp_path / "again")
+    assert retrained.metrics["splits"]["validation"]["accuracy"] == summary.best_value
+    # The report: every trial in trials.csv, the plots inline in one HTML page.
+    assert len((tmp_path / "study" / "trials.csv").read_text().strip().splitlines()) == 1 + 4
+    page = (tmp_path / "study" / "study.html").read_text()
+    assert page.count("data:image/png;base64,") == len(summary.plots) >= 2 and "trial" in page
+    assert all((tmp_path / "study" / "plots" / f"{name}.png").stat().st_size > 1000 for name in summary.plots)
+
+
+def test_a_trial_below_the_median_is_pruned_and_its_run_says_so(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    # Each trial evaluates after epochs 1 and 2, then once more at the end: three values per trial.
+    script_accuracy(monkeypatch, [0.9, 0.9, 0.9,  # trial 0, the recipe as written
+                                  0.8, 0.8, 0.8,  # trial 1
+                                  0.5,  # trial 2: under the median (0.85) of the two at epoch 1: pruned there
+                                  0.95, 0.95, 0.95])  # trial 3: the best
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
+    summary = tuneforge.tune(recipe, trials=4, output_dir=tmp_path / "study")
+    states = [t.state.name for t in _trials(tmp_path / "study")]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert summary.best_trial == 3 and summary.best_value == 0.95 and summary.as_written_value == 0.9
+    pruned = tmp_path / "study" / "trials" / "trial-0002"
+    assert json.loads((pruned / "trial.json").read_text())["state"] == "pruned"
+    records = [json.loads(line) for line in (pruned / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "pruned" and records[-1]["epochs"] == 1.0 and records[-1]["accuracy"] == 0.5
+    assert not (pruned / "model").exists() and not (pruned / "checkpoints").exists()
+    assert [r["epoch"] for r in records if r["type"] == "eval"] == [1]  # it stopped at epoch 1
+
+
+def test_the_recipe_as_written_is_never_pruned(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    """Retried after its worker died, the as-written trial comes after others: still never pruned."""
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "pruner": "median"})
+    study_dir = tmp_path / "study"
+    script_accuracy(monkeypatch, [0.9] * 6)
+    tuneforge.tune(recipe, trials=2, output_dir=study_dir)
+    study = optuna.load_study(study_name="tiny-text", storage=f"sqlite:///{study_dir / 'study.db'}")
+    study.enqueue_trial(study.trials[0].params, user_attrs={"as_written": True})
+    script_accuracy(monkeypatch, [0.1, 0.1, 0.1])  # far under the median: any other trial would be pruned
+    tuneforge.tune(recipe, trials=1, output_dir=study_dir)
+    assert _trials(study_dir)[-1].state.name == "COMPLETE"
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"optim.lr": {"float": [1e-2, 1e-1]}}, "the recipe's own value 0.005 is not float in [0.01, 0.1]"),
+    ({"optim.learning_rate": {"float": [1e-3, 1e-2]}}, "optim.learning_rate: unknown key"),
+    ({"train.batch_size": {"categorical": [8, 0]}}, "the value 0 gives a recipe that fails: train.batch_size"),
+    ({"optim.lr": {"float": [1e-3, 1e-2], "log": True, "when": {"optim.lr_strategy": "single"}},
+      "optim.lr_strategy": {"categorical": ["single", "layerwise_decay"], "when": {"optim.lr": 0.005}}},
+     "go round in a circle"),
+    ({"optim.lr": {"float": [0, 1e-2], "log": True}}, "log: true needs low above 0"),
+    ({"optim.lr": {"choices": [1e-3]}}, "search.space.optim.lr.choices"),
+    ({"optim.lr": {"float": [1e-3, 1e-2], "categorical": [1e-3]}}, "give exactly one of"),
+])
+def test_a_search_space_error_is_a_clear_error_before_anything_runs(tiny_bert_dir, text_data, tmp_path, capsys,
+                                                                    space, expected):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe(tiny_bert_dir, text_data, tmp_path, search={"space": space})))
+    assert cli(["tune", str(recipe_file), "--output-dir", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_study_continues_only_with_its_own_recipe(tiny_bert_dir, text_data, tmp_path):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
+    tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
+    with pytest.raises(RecipeError, match="was started with another recipe"):
+        tuneforge.tune(recipe, ["train.epochs=3"], trials=1, output_dir=tmp_path / "study")
+
+
+def test_two_objectives_give_a_pareto_choice_and_a_best_recipe(tiny_bert_dir, text_data, tmp_path):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "objectives": ["metric", "train_seconds"],
+                                                                  "pruner": "none", "sampler": "nsga2"})
+    summary = tuneforge.tune(recipe, trials=3, output_dir=tmp_path / "study")
+    trials = _trials(tmp_path / "study")
+    assert all(len(t.values) == 2 and t.values[1] > 0 for t in trials)
+    assert summary.best_value == max(t.values[0] for t in trials) and summary.best_recipe.is_file()
+
+
+def test_the_default_space_searches_strategy_depth_and_rates(tiny_bert_dir, text_data, tmp_path):
+    summary = tuneforge.tune(_recipe(tiny_bert_dir, text_data, tmp_path), trials=2, output_dir=tmp_path / "study")
+    searched = set(_trials(tmp_path / "study")[0].params)
+    assert {"optim.lr", "optim.schedule.name", "optim.schedule.warmup_ratio", "optim.weight_decay",
+            "model.freeze.strategy", "model.head_dropout", "train.epochs", "train.batch_size",
+            "optim.lr_strategy"} <= searched
+    assert summary.best_recipe.is_file()
+
+
+# ---------------------------------------------------------------- workers sharing a study
+
+
+def _worker_recipe(tiny_bert_dir, text_data, tmp_path, **search) -> Path:
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "pruner": "none", **search})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _check_shared(trials: list, expected: int, summary: dict) -> None:
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(expected)), numbers  # unique, none lost
+    assert all(t.state.name == "COMPLETE" for t in trials), [t.state.name for t in trials]
+    assert summary["best_value"] == max(t.values[0] for t in trials)
+
+
+def test_two_local_workers_share_one_sqlite_study(tiny_bert_dir, text_data, tmp_path):
+    recipe = _worker_recipe(tiny_bert_dir, text_data, tmp_path)
+    done = _cli("tune", str(recipe), "--trials", "4", "--workers", "2", "--output-dir", str(tmp_path / "study"),
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    _check_shared(_trials(tmp_path / "study"), 4, summary)
+    logs = sorted(p.name for p in (tmp_path / "study" / "logs").glob("worker-*.log"))
+    assert logs == ["worker-1.log", "worker-2.log"]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    """A real PostgreSQL server: the one CI starts (TUNEFORGE_TEST_POSTGRES), else a private one started here from
+    the distribution's binaries. CI never skips it."""
+    url = os.environ.get("TUNEFORGE_TEST_POSTGRES")
+    if url:
+        yield url
+        return
+    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if initdb is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs and starts it")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql) and TUNEFORGE_TEST_POSTGRES is not set")
+    bin_dir = Path(initdb).resolve().parent
+    # PostgreSQL refuses to run as root: as root, the server runs as the postgres user, in a folder it may enter
+    folder = Path(tempfile.mkdtemp(prefix="tuneforge-pg-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data = folder / "data"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "tuneforge", "--auth=trust"],
+                   check=True, capture_output=True)
+    port = 54000 + os.getpid() % 1000
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://tuneforge@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pg_trials(url: str, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=url.replace("postgresql://", "postgresql+psycopg://")).get_trials()
+
+
+def test_two_workers_share_one_postgresql_study(tiny_bert_dir, text_data, tmp_path, postgres_url):
+    recipe = _worker_recipe(tiny_bert_dir, text_data, tmp_path)
+    name = f"pg-{os.getpid()}-{time.time_ns()}"
+    args = ["tune", str(recipe), "--trials", "3", "--storage", postgres_url, "--study", name]
+    workers = [subprocess.Popen([sys.executable, "-m", "tuneforge", *args, "--output-dir", str(tmp_path / f"w{i}")],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(2)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), [err[-2000:] for _, err in outputs]
+    trials = _pg_trials(postgres_url, name)
+    assert len({t.user_attrs["values"]["optim.lr"] for t in trials}) == 6  # no point drawn twice
+    summaries = [json.loads((tmp_path / f"w{i}" / "summary.json").read_text()) for i in range(2)]
+    _check_shared(trials, 6, max(summaries, key=lambda s: s["best_value"]))
+    # each worker's folder holds the trials it ran, and together they hold them all
+    ran = sorted(int(p.name.split("-")[1]) for i in range(2) for p in (tmp_path / f"w{i}" / "trials").iterdir())
+    assert ran == list(range(6))
+
+
+def test_a_worker_killed_mid_trial_leaves_a_failed_trial_that_runs_again(tiny_bert_dir, text_data, tmp_path,
+                                                                         postgres_url):
+    recipe = _worker_recipe(tiny_bert_dir, text_data, tmp_path, heartbeat_seconds=1)
+    name = f"kill-{os.getpid()}-{time.time_ns()}"
+    args = [sys.executable, "-m", "tuneforge", "tune", str(recipe), "train.epochs=40", "--storage", postgres_url,
+            "--study", name, "--output-dir", str(tmp_path / "study")]
+    worker = subprocess.Popen([*args, "--trials", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the worker is inside its first trial
+        try:
+            running = [t for t in _pg_trials(postgres_url, name) if t.state.name == "RUNNING"]
+        except KeyError:  # the study does not exist yet
+            running = []
+        if running and (tmp_path / "study" / "trials" / "trial-0000" / "metrics.jsonl").exists():
+            break
+        time.sleep(0.2)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert [t.state.name for t in _pg_trials(postgres_url, name)] == ["RUNNING"]
+    time.sleep(4)  # three heartbeats missed
+
+    resumed = subprocess.run([*args, "--trials", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = _pg_trials(postgres_url, name)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    # the failed trial ran again with the same values (the recipe as written), and the run counted 2 trials, not it
+    assert trials[1].user_attrs["values"] == trials[0].user_attrs["values"] and trials[1].user_attrs["as_written"]
+    assert trials[1].system_attrs["failed_trial"] == 0
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["states"] == {"fail": 1, "complete": 2}

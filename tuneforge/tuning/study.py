@@ -1,0 +1,275 @@
+"""tuneforge tune: an Optuna study over a recipe's search space, in a study folder.
+
+    STUDY/study.db            the study (SQLite) unless --storage names another database
+    STUDY/recipe.yaml         the recipe searched (workers started by --workers read it)
+    STUDY/trials/trial-N/     each trial's run directory; trial.json says how it ended
+    STUDY/logs/               each trial's console output, each worker's
+    STUDY/feature-cache/      frozen-prefix outputs shared by the trials (removed at the end)
+    STUDY/trials.csv, best-recipe.yaml, summary.json, study.html, plots/   (report.py)
+
+The same command continues a study: trials already done count, a trial whose worker died (no heartbeat for three
+intervals) is marked failed and run again. Several workers, here (--workers K) or on other machines (the same
+--storage and --study), share one study through the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from rich.console import Console
+
+from tuneforge.artifacts import RECIPE_FILE, write_text_atomic
+from tuneforge.config import Recipe, SearchSpec, load_recipe, parse_recipe, raw_recipe
+from tuneforge.errors import RecipeError, TuneforgeError, first_line
+from tuneforge.models.groups import layer_groups
+from tuneforge.strategies.search import enqueued_params, recipe_point, space_problems
+from tuneforge.tasks.registry import get_task
+from tuneforge.training.assembly import load_data_and_model
+from tuneforge.tuning.live import TrialTable
+from tuneforge.tuning.report import StudySummary, write_report
+from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, Objective, drop_models_outside_best
+
+STUDY_FILE = "study.db"
+FINGERPRINT = "recipe_fingerprint"
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """Where and how a study runs; the same for every worker of it."""
+
+    recipe: Recipe
+    study_dir: Path
+    storage: str
+    name: str
+    shared: bool  # the storage was named (--storage): other workers may use it at the same time
+
+
+def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, trials: int = 10,
+         timeout: float | None = None, storage: str | None = None, study: str | None = None, workers: int = 1,
+         output_dir: str | Path | None = None, console: Console | None = None, worker_index: int | None = None
+         ) -> StudySummary | None:
+    """Run `trials` more trials of the recipe's study (split between `workers` local processes), then write the
+    report and evaluate the best trial on the test split, once. Returns the study's summary (None for a worker
+    started by another `tune`, which leaves the report to it)."""
+    console = console or Console()
+    written, source = raw_recipe(recipe, overrides)
+    recipe = parse_recipe(written, source)
+    if trials < 1 or workers < 1:
+        raise RecipeError(["--trials and --workers are at least 1"])
+    study_dir = Path(output_dir) if output_dir else Path(f"{recipe.output_dir()}-tune")
+    plan = StudyPlan(recipe, study_dir, _storage_url(storage, study_dir), study or recipe.name, storage is not None)
+    space = _checked_space(recipe, console, quiet=worker_index is not None)
+    spec = recipe.search or SearchSpec()  # the section's defaults
+    study_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = _open_study(plan, spec, space, worker_index or 0)
+    if worker_index is None and workers > 1:
+        _run_workers(plan, opened, trials, timeout, workers, console)
+    else:
+        objective = Objective(study_dir, recipe.model_dump(mode="json"), space, spec.objectives,
+                              prunes=len(spec.objectives) == 1 and spec.pruner != "none")
+        table = TrialTable(opened, recipe.eval.metric, console, live=worker_index is None)
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            drop_models_outside_best(study, study_dir, spec.keep_models)
+            table.refresh()
+
+        with table:
+            opened.optimize(objective, n_trials=trials, timeout=timeout, catch=(TuneforgeError,),
+                            callbacks=[after_trial])
+    if worker_index is not None:
+        return None
+    shutil.rmtree(study_dir / SHARED_CACHE_DIR, ignore_errors=True)  # the trials of this command are done
+    return write_report(opened, plan.recipe, written, study_dir, console)
+
+
+def _storage_url(storage: str | None, study_dir: Path) -> str:
+    if storage is None:
+        return f"sqlite:///{(study_dir / STUDY_FILE).resolve()}"
+    if storage.startswith(("postgresql://", "postgres://")):  # psycopg 3 is the driver tuneforge installs
+        return "postgresql+psycopg://" + storage.split("://", 1)[1]
+    return storage
+
+
+def _checked_space(recipe: Recipe, console: Console, quiet: bool) -> dict:
+    """The space to search (the recipe's, or its task's default), checked against the recipe before anything
+    runs; the data and model are read and checked once here too, so a bad file fails now, not in trial 3."""
+    data, loaded = load_data_and_model(recipe, Console(quiet=True) if quiet else console, main=not quiet)
+    if "validation" not in data.splits:
+        raise RecipeError(["tune compares trials on the validation split: give data.validation or "
+                           "data.validation_fraction (the test split is only used once, for the best trial)"])
+    task = get_task(recipe.task.type)
+    if recipe.search is not None and recipe.search.space:
+        space = recipe.search.space
+    else:
+        blocks = sum(1 for group in layer_groups(loaded.model, loaded.head_prefixes) if group.name.startswith("block."))
+        space = task.search_space(recipe, blocks)
+    problems = space_problems(space, recipe.model_dump(mode="json"), load_recipe)
+    if problems:
+        raise RecipeError(problems)
+    return space
+
+
+def _fingerprint(recipe: Recipe) -> str:
+    """What makes two commands the same study: the recipe and its search, not where it writes."""
+    raw = recipe.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open_study(plan: StudyPlan, spec, space: dict, worker: int) -> optuna.Study:
+    """Create the study, or continue it when the same recipe started it; the first trial is the recipe as written.
+    Workers starting at the same moment take turns (a lock in the database, or on the SQLite file), so the tables
+    and the study are created once and the first trial is queued once."""
+    try:
+        with _creation_lock(plan), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, grouped TPE
+            study = _create_or_load(plan, spec, space)
+    except (ImportError, ModuleNotFoundError) as error:
+        raise RecipeError([f"--storage {_without_password(plan.storage)}: its database driver is not installed "
+                           f"({first_line(error)}); for PostgreSQL: pip install 'tuneforge[postgres]'"]) from None
+    except Exception as error:  # the database could not be reached or read: a clear one-line error
+        if isinstance(error, TuneforgeError):
+            raise
+        raise RecipeError([f"the study storage {_without_password(plan.storage)} cannot be used: "
+                           f"{type(error).__name__}: {first_line(error)}"]) from None
+    # Seeded, yet never the same draws again: a continued study, or another worker, starts its own sequence (a
+    # worker started by hand on a shared database may start beside another at the same moment: its process id too).
+    alone = worker or (os.getpid() if plan.shared else 0)
+    study.sampler = _sampler(spec, plan.recipe.train.seed + 7919 * alone + len(study.trials))
+    return study
+
+
+def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
+    recipe = plan.recipe
+    directions = ["maximize" if recipe.eval.mode == "max" else "minimize"] + ["minimize"] * (len(spec.objectives) - 1)
+    storage = optuna.storages.RDBStorage(
+        plan.storage, engine_kwargs=_engine_settings(plan.storage), heartbeat_interval=spec.heartbeat_seconds,
+        grace_period=3 * spec.heartbeat_seconds,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.retries))
+    study = optuna.create_study(storage=storage, study_name=plan.name, directions=directions,
+                                pruner=_pruner(spec, space, recipe), load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise RecipeError([f"study {plan.name!r} optimises {[d.name.lower() for d in study.directions]}, not "
+                           f"{directions}: use another --study name"])
+    started = study.user_attrs.get(FINGERPRINT)
+    if started is None:
+        study.set_user_attr(FINGERPRINT, _fingerprint(recipe))
+        study.set_user_attr("metric", recipe.eval.metric)
+    elif started != _fingerprint(recipe):
+        raise RecipeError([f"study {plan.name!r} in {_without_password(plan.storage)} was started with another recipe "
+                           "or search space; continue it with the same recipe, or start another (--study NAME or "
+                           "--output-dir)"])
+    write_text_atomic(plan.study_dir / RECIPE_FILE, recipe.to_yaml())
+    if not study.trials:
+        point = recipe_point(space, recipe.model_dump(mode="json"))
+        study.enqueue_trial(enqueued_params(space, point), user_attrs={AS_WRITTEN: True})
+    return study
+
+
+@contextlib.contextmanager
+def _creation_lock(plan: StudyPlan):
+    """One worker at a time creates or opens the study: a PostgreSQL advisory lock, or a lock on the SQLite file."""
+    if plan.storage.startswith("sqlite:///"):
+        with open(plan.storage.removeprefix("sqlite:///") + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if not plan.storage.startswith("postgresql"):
+        yield
+        return
+    key = int(hashlib.sha256(plan.name.encode()).hexdigest()[:15], 16)  # fits PostgreSQL's bigint
+    engine = sqlalchemy.create_engine(plan.storage, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
+def _engine_settings(url: str) -> dict:
+    if url.startswith("sqlite"):  # several local workers write to one file: wait for the lock, do not fail
+        return {"connect_args": {"timeout": 120}}
+    return {"pool_pre_ping": True}
+
+
+def _without_password(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://…@{rest.split('@', 1)[1]}"
+
+
+def _sampler(spec, seed: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "tpe":
+        # group: conditional keys (trainable_blocks only with partial) get their own models; constant liar: workers
+        # running side by side do not all try the same promising point
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=5)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def _pruner(spec, space: dict, recipe: Recipe) -> optuna.pruners.BasePruner:
+    """Steps are hundredths of an epoch. Median: stop a trial whose validation is below the median of earlier
+    trials at the same point (after two trials have finished). Hyperband: successive halving over budgets from
+    one epoch to the longest trial."""
+    if spec.pruner == "none" or len(spec.objectives) > 1:
+        return optuna.pruners.NopPruner()
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    epochs = space["train.epochs"].int_[1] if "train.epochs" in space else recipe.train.epochs
+    return optuna.pruners.HyperbandPruner(min_resource=100, max_resource=max(100, int(epochs) * 100),
+                                          reduction_factor=3)
+
+
+def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: float | None, workers: int,
+                 console: Console) -> None:
+    """K local worker processes, each `tuneforge tune` on the same study, sharing the CPU's threads; the trials are
+    split between them. This process shows the study's table while they work."""
+    shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    logs = plan.study_dir / LOGS_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index, share in enumerate(shares):
+        if share == 0:
+            continue
+        command = [sys.executable, "-m", "tuneforge", "tune", str(plan.study_dir / RECIPE_FILE), "--trials", str(share),
+                   "--storage", plan.storage, "--study", plan.name, "--output-dir", str(plan.study_dir),
+                   "--worker-index", str(index + 1)]
+        if timeout is not None:
+            command += ["--timeout", str(timeout)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with (logs / f"worker-{index + 1}.log").open("w") as log:
+            children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    table = TrialTable(study, plan.recipe.eval.metric, console, live=True)
+    with table:
+        while any(child.poll() is None for child in children):
+            table.refresh()
+            time.sleep(2)
+        table.refresh()
+    failed = [i + 1 for i, child in enumerate(children) if child.returncode != 0]
+    if failed:
+        console.print(f"[yellow]tune: worker(s) {failed} ended with an error; see {logs}[/]")
