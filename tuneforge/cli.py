@@ -19,6 +19,7 @@ if torch.distributed.is_available():
     import torch.distributed.nn  # noqa: F401
 
 from tuneforge.errors import RecipeError, TuneforgeError
+from tuneforge.training.advise import advise
 from tuneforge.training.lr_find import find_lr
 from tuneforge.training.run import finetune
 from tuneforge.tuning.study import tune
@@ -35,6 +36,10 @@ def _train(args) -> None:
 def _tune(args) -> None:
     tune(args.recipe, args.overrides, trials=args.trials, timeout=args.timeout, storage=args.storage, study=args.study,
          workers=args.workers, output_dir=args.output_dir, worker_index=args.worker_index)
+
+
+def _advise(args) -> None:
+    advise(args.recipe, args.overrides, output_dir=args.output_dir, range_test_steps=args.range_test_steps)
 
 
 def _lr_find(args) -> None:
@@ -97,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     _add_tune(commands)
+
+    advise = commands.add_parser("advise", help="before training: measure the data and the frozen features, "
+                                                "recommend a strategy, check the recipe's plan")
+    advise.add_argument("recipe", help="YAML recipe")
+    advise.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    advise.add_argument("--output-dir", help="folder for advice.json and the range tests (default: run directory + -advise)")
+    advise.add_argument("--range-test-steps", type=int, default=60, help="steps of each LR range test (default 60)")
+    advise.set_defaults(handler=_advise)
 
     lr_find = commands.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest an LR")
     lr_find.add_argument("recipe", help="YAML recipe")

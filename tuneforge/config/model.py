@@ -28,7 +28,8 @@ class StageSpec(Section):
 
 
 class FreezeSpec(Section):
-    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive", "bitfit"] = "full"
+    strategy: Literal["full", "partial", "feature_extraction", "head_only", "progressive", "bitfit", "auto"] = Field(
+        "full", description="auto: measured before training (tuneforge advise) and chosen from the measurements")
     trainable_blocks: int | None = Field(None, gt=0, le=MAX_COUNT, description="partial: how many of the last blocks train")
     head_hidden: int | None = Field(None, gt=0, le=MAX_COUNT,
                                     description="feature_extraction: hidden width of an MLP head (factory models)")

@@ -148,6 +148,9 @@ def build_plan(spec: FreezeSpec, groups: list[LayerGroup], head_prefixes: list[s
     `adapter_params`: the adapter's parameters, when there is one: outside the head, only they
     (and, for bitfit, biases) can train.
     """
+    if spec.strategy == "auto":  # made concrete by training.advise before anything is built
+        raise RecipeError(["model.freeze.strategy auto is chosen when `tuneforge train` starts (or shown by "
+                           "`tuneforge advise`); give a strategy of your own for this command"])
     problems, stages, start = [], [], 0
     all_params = [p for g in groups for p in g.params]
     head = {p for g in groups if g.name == "head" for p in g.params}

@@ -48,6 +48,7 @@ class Task(ABC):
     export_formats: ClassVar[tuple[str, ...]] = ("hf", "onnx", "torch-export")
     export_note: ClassVar[str] = ""  # why the formats it does not list are refused ("a <task> model ...")
     file_batch_size: ClassVar[int] = 32  # examples a batch when a whole file is evaluated or predicted
+    probe_target: ClassVar[str | None] = None  # what a linear probe of frozen features predicts: "class", "number"
     adds_head: ClassVar[bool] = True  # a new head sits on the pretrained model (a language model keeps its own)
     unit: ClassVar[str] = "class"  # what its outputs are called, one by one ("label" for multilabel)
     balanced_sampling: ClassVar[bool] = False  # data.sampler balanced: one class per example to balance

@@ -44,6 +44,7 @@ class ClassificationTask(LabelTask):
     summary_keys = ("accuracy", "f1_macro", "auc_roc", "loss")
     card_metrics = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_roc", "loss")
     problem_type = "single_label_classification"
+    probe_target = "class"  # tuneforge advise probes the frozen features for it
     balanced_sampling = True
     mixes_labels = True
 

@@ -46,6 +46,7 @@ class RegressionTask(LabelTask):
     summary_keys = ("rmse", "mae", "r2", "baseline_rmse", "loss")
     card_metrics = ("rmse", "mae", "r2", "baseline_rmse", "baseline_r2", "loss")
     problem_type = "regression"
+    probe_target = "number"  # tuneforge advise probes the frozen features for it
     has_classes = False
     multi_target = True
 

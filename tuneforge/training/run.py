@@ -36,6 +36,7 @@ from tuneforge.data.loaders import make_loader
 from tuneforge.errors import ModelError, ResumeError, first_line
 from tuneforge.models.adapters import merged_copy
 from tuneforge.models.folder import restore_saved_weights
+from tuneforge.training.advise import resolve_auto
 from tuneforge.training.assembly import Assembly, assemble, make_accelerator
 from tuneforge.training.checkpoint import TrainState, complete_checkpoints, load_checkpoint, verify_checkpoint
 from tuneforge.training.feature_cache import cache_splits, remove_hooks
@@ -69,8 +70,11 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     if output_dir is not None:
         recipe.output.dir = str(output_dir)
     run_dir = recipe.output_dir()
-    accelerator = make_accelerator(recipe)
     console = console or Console()
+    if recipe.model.freeze.strategy == "auto" and not resume:
+        check_run_dir(recipe, run_dir, resume, overwrite)  # before a minute of measuring, not after it
+    recipe, advice = resolve_auto(recipe, run_dir, resume, console)
+    accelerator = make_accelerator(recipe)
     check_run_dir(recipe, run_dir, resume, overwrite)
     set_seed(recipe.train.seed)
     t = assemble(recipe, accelerator, console, run_dir, resume)  # every check, before any file is written
@@ -79,6 +83,8 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
         prepare_run_dir(recipe, run_dir, resume, overwrite)  # the resolved recipe, batch size included
     accelerator.wait_for_everyone()
     run = Run(recipe, run_dir, accelerator, console, trial or TrialLink(held_out=()))
+    if advice is not None:
+        run.record(advice.record())  # what strategy: auto chose, and why (the model card says it too)
     cache = run.trial.feature_cache or run_dir / FEATURE_CACHE_DIR
     t, replay_hooks = use_feature_cache(recipe, t, run, accelerator, cache) if t.prefix is not None else (t, [])
     with remove_hooks(replay_hooks):

@@ -21,10 +21,12 @@ def _first(records: list[dict], kind: str) -> dict:
     return next((r for r in records if r.get("type") == kind), {})
 
 
-def _strategy(recipe: dict, task) -> list[str]:
+def _strategy(recipe: dict, task, advice: dict) -> list[str]:
     freeze, optim, train = recipe["model"]["freeze"], recipe["optim"], recipe["train"]
     lines = [f"- Freezing plan: `{freeze['strategy']}`"
              + (f", the last {freeze['trainable_blocks']} blocks train" if freeze.get("trainable_blocks") else "")]
+    if advice:
+        lines.append("  - chosen by `strategy: auto` (tuneforge advise, before training): " + "; ".join(advice["reasons"]))
     for index, stage in enumerate(freeze.get("stages") or []):
         length = f"{stage['epochs']} epochs" if stage.get("epochs") else f"{stage['steps']} steps"
         lines.append(f"  - stage {index}: {length}, trains {', '.join(stage['train'])}, LR x{stage['lr_multiplier']}")
@@ -82,7 +84,8 @@ def model_card(run_dir: Path | None, model_dir: Path, fmt: str, max_abs_diff: fl
              f"records{f' in `{run_dir}`' if run_dir is not None else ''}; what they do not hold is marked unknown.", "",
              *_model_section(info, task, recipe, records, fmt, max_abs_diff), *task.card_details(info, recipe),
              "", "## Training data", "", *_data_section(data, task),
-             "", "## Fine-tuning strategy", "", *(_strategy(recipe, task) if recipe else ["Unknown: no recipe.yaml."]),
+             "", "## Fine-tuning strategy", "",
+             *(_strategy(recipe, task, _first(records, "advice")) if recipe else ["Unknown: no recipe.yaml."]),
              "", "## Training", "", *_training_section(result),
              "", "## Evaluation", "", *_evaluation_section(result, task)]
     sources = ", ".join(f"`{s['source']}`" for s in data.get("splits", {}).values()) or "unknown"
