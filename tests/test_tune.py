@@ -119,6 +119,15 @@ def test_a_trial_below_the_median_is_pruned_and_its_run_says_so(tiny_bert_dir, t
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [1]  # it stopped at epoch 1
 
 
+def test_hyperband_stops_a_trial_outside_the_top_third_of_its_rung(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    script_accuracy(monkeypatch, [0.9, 0.9, 0.9, 0.5])  # trial 1 reaches the first rung (1 epoch) far below trial 0
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "pruner": "hyperband"})
+    tuneforge.tune(recipe, trials=2, output_dir=tmp_path / "study")
+    trials = _trials(tmp_path / "study")
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
+    assert list(trials[1].intermediate_values) == [100]  # one epoch, in hundredths
+
+
 def test_the_recipe_as_written_is_never_pruned(tiny_bert_dir, text_data, tmp_path, monkeypatch):
     """Retried after its worker died, the as-written trial comes after others: still never pruned."""
     recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "pruner": "median"})

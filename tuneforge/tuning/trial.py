@@ -80,7 +80,8 @@ class Objective:
                 return
             step = round(epochs * 100)
             trial.report(float(value), step)
-            if not as_written and trial.should_prune():
+            # asked even for the recipe as written: successive halving records a trial's rung when asked
+            if trial.should_prune() and not as_written:
                 with (run_dir / METRICS_FILE).open("a") as records:
                     records.write(json.dumps({"time": round(time.time(), 3), "type": "pruned", "epochs": round(epochs, 3),
                                               recipe.eval.metric: value}) + "\n")
