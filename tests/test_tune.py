@@ -169,6 +169,17 @@ def test_a_study_continues_only_with_its_own_recipe(tiny_bert_dir, text_data, tm
         tuneforge.tune(recipe, ["train.epochs=3"], trials=1, output_dir=tmp_path / "study")
 
 
+def test_a_folder_that_is_not_a_study_is_refused_and_left_alone(tiny_bert_dir, text_data, tmp_path):
+    other = tmp_path / "documents"
+    (other / "trials" / "trial-0000" / "model").mkdir(parents=True)
+    (other / "trials" / "trial-0000" / "model" / "weights.bin").write_text("precious")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="is not a tuneforge study folder"):
+        tuneforge.tune(_recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY), trials=1, output_dir=other)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt", "trials"]
+    assert (other / "trials" / "trial-0000" / "model" / "weights.bin").read_text() == "precious"
+
+
 def test_two_objectives_give_a_pareto_choice_and_a_best_recipe(tiny_bert_dir, text_data, tmp_path):
     recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "objectives": ["metric", "train_seconds"],
                                                                   "pruner": "none", "sampler": "nsga2"})

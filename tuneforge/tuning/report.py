@@ -42,7 +42,8 @@ class StudySummary:
     plots: list[str] = field(default_factory=list)
 
 
-def write_report(study: optuna.Study, recipe: Recipe, written: dict, study_dir: Path, console: Console) -> StudySummary:
+def write_report(study: optuna.Study, recipe: Recipe, written: dict, space: dict, study_dir: Path,
+                 console: Console) -> StudySummary:
     """`written`: the recipe as the user wrote it (overrides applied), the base of best-recipe.yaml."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -57,7 +58,7 @@ def write_report(study: optuna.Study, recipe: Recipe, written: dict, study_dir: 
     if best is not None:
         summary.best_trial, summary.best_value = best.number, best.values[0]
         summary.best_values = best.user_attrs.get("values", {})
-        summary.best_recipe = _write_best_recipe(recipe, written, best, study, study_dir)
+        summary.best_recipe = _write_best_recipe(recipe, written, best, study, study_dir, space)
         summary.test = _test_once(study, best, summary.best_recipe, study_dir)
     summary.plots = _plots(study, metric, study_dir / PLOTS_DIR)
     write_json_atomic(study_dir / SUMMARY, {**asdict(summary), "study_dir": str(study_dir),
@@ -84,10 +85,10 @@ def _states(trials: list) -> dict:
 
 
 def _write_best_recipe(recipe: Recipe, written: dict, best: optuna.trial.FrozenTrial, study: optuna.Study,
-                       study_dir: Path) -> Path:
+                       study_dir: Path, space: dict) -> Path:
     """The recipe as written with the best trial's values: short, ${VAR}s kept. Should it not resolve to the very
     recipe the trial trained (it always should), the trial's resolved recipe is written instead."""
-    values = best.user_attrs.get("values", {})
+    values = {key: value for key, value in best.user_attrs.get("values", {}).items() if key in space}
     trained = load_recipe(trial_recipe(recipe.model_dump(mode="json"), values)).model_dump(mode="json", exclude={"output"})
     raw = trial_recipe(written, values)
     try:

@@ -1,7 +1,8 @@
 """tuneforge tune: an Optuna study over a recipe's search space, in a study folder.
 
+    STUDY/study.json          what makes the folder a study's (its name and storage)
     STUDY/study.db            the study (SQLite) unless --storage names another database
-    STUDY/recipe.yaml         the recipe searched (workers started by --workers read it)
+    STUDY/study-recipe.yaml   the recipe searched (workers started by --workers read it)
     STUDY/trials/trial-N/     each trial's run directory; trial.json says how it ended
     STUDY/logs/               each trial's console output, each worker's
     STUDY/feature-cache/      frozen-prefix outputs shared by the trials (removed at the end)
@@ -31,7 +32,7 @@ import optuna
 import sqlalchemy
 from rich.console import Console
 
-from tuneforge.artifacts import RECIPE_FILE, write_text_atomic
+from tuneforge.artifacts import write_json_atomic, write_text_atomic
 from tuneforge.config import Recipe, SearchSpec, load_recipe, parse_recipe, raw_recipe
 from tuneforge.errors import RecipeError, TuneforgeError, first_line
 from tuneforge.models.groups import layer_groups
@@ -42,7 +43,7 @@ from tuneforge.tuning.live import TrialTable
 from tuneforge.tuning.report import StudySummary, write_report
 from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, Objective, drop_models_outside_best
 
-STUDY_FILE = "study.db"
+STUDY_FILE, STUDY_RECIPE, MARKER = "study.db", "study-recipe.yaml", "study.json"
 FINGERPRINT = "recipe_fingerprint"
 
 
@@ -73,7 +74,7 @@ def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None,
     plan = StudyPlan(recipe, study_dir, _storage_url(storage, study_dir), study or recipe.name, storage is not None)
     space = _checked_space(recipe, console, quiet=worker_index is not None)
     spec = recipe.search or SearchSpec()  # the section's defaults
-    study_dir.mkdir(parents=True, exist_ok=True)
+    _claim(plan)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = _open_study(plan, spec, space, worker_index or 0)
     if worker_index is None and workers > 1:
@@ -93,7 +94,22 @@ def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None,
     if worker_index is not None:
         return None
     shutil.rmtree(study_dir / SHARED_CACHE_DIR, ignore_errors=True)  # the trials of this command are done
-    return write_report(opened, plan.recipe, written, study_dir, console)
+    return write_report(opened, plan.recipe, written, space, study_dir, console)
+
+
+def _claim(plan: StudyPlan) -> None:
+    """The study folder: new, empty, or one a study wrote (its study.json). Anything else is refused, so that the
+    study never writes into, or removes model folders from, a folder it did not make."""
+    folder = plan.study_dir
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError([f"the study folder {folder} is a file; choose another --output-dir"])
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if found and MARKER not in found:
+        raise RecipeError([f"{folder} is not a tuneforge study folder (it holds {', '.join(found[:5])}"
+                           f"{' …' if len(found) > 5 else ''}); choose a new or empty --output-dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    if MARKER not in found:
+        write_json_atomic(folder / MARKER, {"study": plan.name, "storage": _without_password(plan.storage)})
 
 
 def _storage_url(storage: str | None, study_dir: Path) -> str:
@@ -172,7 +188,7 @@ def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
         raise RecipeError([f"study {plan.name!r} in {_without_password(plan.storage)} was started with another recipe "
                            "or search space; continue it with the same recipe, or start another (--study NAME or "
                            "--output-dir)"])
-    write_text_atomic(plan.study_dir / RECIPE_FILE, recipe.to_yaml())
+    write_text_atomic(plan.study_dir / STUDY_RECIPE, recipe.to_yaml())
     if not study.trials:
         point = recipe_point(space, recipe.model_dump(mode="json"))
         study.enqueue_trial(enqueued_params(space, point), user_attrs={AS_WRITTEN: True})
@@ -256,7 +272,7 @@ def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: flo
     for index, share in enumerate(shares):
         if share == 0:
             continue
-        command = [sys.executable, "-m", "tuneforge", "tune", str(plan.study_dir / RECIPE_FILE), "--trials", str(share),
+        command = [sys.executable, "-m", "tuneforge", "tune", str(plan.study_dir / STUDY_RECIPE), "--trials", str(share),
                    "--storage", plan.storage, "--study", plan.name, "--output-dir", str(plan.study_dir),
                    "--worker-index", str(index + 1)]
         if timeout is not None:

@@ -110,7 +110,7 @@ def drop_models_outside_best(study: optuna.Study, study_dir: Path, keep: int) ->
     dropped = []
     for t in finished:
         folder = trial_dir(study_dir, t.number) / MODEL_DIR
-        if t.number not in best and folder.is_dir():
+        if t.number not in best and folder.is_dir() and (folder.parent / TRIAL_FILE).is_file():  # a trial's own
             shutil.rmtree(folder, ignore_errors=True)
             dropped.append(t.number)
     return dropped
