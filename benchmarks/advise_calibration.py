@@ -55,8 +55,7 @@ CASES = {
                            "test": str(DATA / "sst5/test.txt"), "max_train_examples": 1000,
                            "max_validation_examples": 500}),
     "sms": _text("sms", {"format": "tsv", "columns": ["label", "sentence"], "train": str(DATA / "sms-spam/sms.tsv"),
-                         "validation_fraction": 0.2, "test_fraction": 0.2, "max_train_examples": 1000,
-                         "max_validation_examples": 500}),
+                         "validation_fraction": 0.2, "max_train_examples": 1000, "max_validation_examples": 500}),
     "cifar": {"name": "cifar", "model": {**RESNET},
               "data": {"train": str(DATA / "cifar10/train_subset"), "validation_fraction": 0.2,
                        "test": str(DATA / "cifar10/test"), "max_train_examples": 2000, "image": IMAGE},
@@ -73,7 +72,7 @@ def _strategies(blocks: int) -> dict[str, dict]:
             "full": {"strategy": "full"}}
 
 
-def run_case(name: str, recipe: dict, scratch: Path, console: Console) -> dict:
+def run_case(name: str, recipe: dict, scratch: Path, console: Console, only_advice: bool = False) -> dict:
     started = time.perf_counter()
     advice = advise(recipe, output_dir=scratch / f"{name}-advise", console=console)
     advise_seconds = time.perf_counter() - started
@@ -81,10 +80,20 @@ def run_case(name: str, recipe: dict, scratch: Path, console: Console) -> dict:
     examples = advice.facts.examples
     per_epoch = math.ceil(examples / recipe["train"]["batch_size"])
     rows = {}
-    for strategy, freeze in _strategies(blocks).items():
-        lr = range_test_lr(load_recipe(recipe), freeze, scratch / f"{name}-{strategy}-lr", 60, Console(quiet=True))
-        lr = round_lr(lr) if lr else 1e-4
-        epochs = epochs_for(2 * TARGET_STEPS, per_epoch, 3, 30) if strategy == "head_only" else epochs_for(TARGET_STEPS, per_epoch, 2, 10)
+    rec = advice.recommendation
+    plans = _strategies(blocks)
+    if rec.freeze() not in plans.values():  # the advice's own plan too, when it is none of the three
+        plans["advice"] = rec.freeze()
+    if only_advice:
+        plans = {s: f for s, f in plans.items() if f == rec.freeze()}
+    for strategy, freeze in plans.items():
+        if freeze == rec.freeze():  # exactly as advised
+            lr, epochs = rec.lr, rec.epochs
+        else:
+            lr = range_test_lr(load_recipe(recipe), freeze, scratch / f"{name}-{strategy}-lr", 60, Console(quiet=True))
+            lr = round_lr(lr) if lr else 1e-4
+            epochs = epochs_for(2 * TARGET_STEPS, per_epoch, 3, 30) if strategy == "head_only" else \
+                epochs_for(TARGET_STEPS, per_epoch, 2, 10)
         run = {**recipe, "model": {**recipe["model"], "freeze": freeze}, "optim": {**recipe.get("optim", {}), "lr": lr},
                "train": {**recipe["train"], "epochs": epochs}}
         result = finetune(run, output_dir=scratch / f"{name}-{strategy}", console=Console(quiet=True))
@@ -94,11 +103,13 @@ def run_case(name: str, recipe: dict, scratch: Path, console: Console) -> dict:
                           "train_seconds": result.metrics["train_seconds"]}
         console.print(f"{name} {strategy}: {rows[strategy]}")
     best = max(rows, key=lambda s: rows[s]["validation"])
-    chosen = advice.recommendation.strategy
-    return {"case": name, "examples": examples, "advice": chosen, "advice_lr": advice.recommendation.lr,
-            "advice_seconds": round(advise_seconds, 1), "probe": advice.record()["probe"], "reasons": advice.recommendation.reasons,
+    if only_advice:
+        return {"case": name, "advice_plan": rec.freeze(), "advice_lr": rec.lr, "rows": rows}
+    chosen = next(s for s, freeze in plans.items() if freeze == rec.freeze())
+    return {"case": name, "examples": examples, "advice": chosen, "advice_plan": rec.freeze(), "advice_lr": rec.lr,
+            "advice_seconds": round(advise_seconds, 1), "probe": advice.record()["probe"], "reasons": rec.reasons,
             "strategies": rows, "best": best,
-            "advice_within_1_point": rows[chosen if chosen in rows else "partial"]["validation"] >= rows[best]["validation"] - 0.01}
+            "advice_within_1_point": rows[chosen]["validation"] >= rows[best]["validation"] - 0.01}
 
 
 README_PLAN = {"strategy": "progressive", "stages": [{"epochs": 1, "train": ["head"], "lr_multiplier": 10},
@@ -128,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=[*CASES, "readme-plan"])
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--only-advice", action="store_true", help="train only the advised plan of each case")
     args = parser.parse_args(argv)
     console = Console()
     results = []
@@ -137,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                 plan = plan_case(Path(scratch), console)
                 console.print(plan)
                 continue
-            results.append(run_case(name, CASES[name], Path(scratch), console))
+            results.append(run_case(name, CASES[name], Path(scratch), console, args.only_advice))
+    if args.only_advice:
+        console.print(results)
+        return 0
     console.print("\n| case | examples | probe (head input / best block / baseline) | advice | head only | partial | full "
                   "| advice within 1 pt |")
     console.print("|---|---|---|---|---|---|---|---|")
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = f"{p.get('head_input', 0):.3f} / {max(p.get('scores', [0])):.3f} / {p.get('baseline', 0):.3f}" if p else "-"
         cells = [f"{r['strategies'][s]['validation']:.3f} ({r['strategies'][s]['train_seconds']:.0f} s)"
                  for s in ("head_only", "partial", "full")]
+        if "advice" in r["strategies"]:
+            r["advice"] = f"{r['advice_plan']}: {r['strategies']['advice']['validation']:.3f}"
         console.print(f"| {r['case']} | {r['examples']} | {probe} | {r['advice']} | {' | '.join(cells)} | {r['advice_within_1_point']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -13,7 +13,7 @@ from conftest import interrupt_after, text_recipe
 from tuneforge import finetune
 from tuneforge.cli import main as cli
 from tuneforge.errors import RecipeError
-from tuneforge.strategies.advice import StageCheck, check_stage, mean_lr, recommend
+from tuneforge.strategies.advice import StageCheck, backbone_lr, check_stage, mean_lr, recommend
 from tuneforge.strategies.schedules import make_multiplier
 from tuneforge.config import ScheduleSpec
 from tuneforge.training.advise import advise
@@ -56,10 +56,22 @@ def test_probes_fit_what_separates_and_nothing_else():
 def test_mean_lr_is_the_schedule_averaged_over_the_stage():
     schedule = make_multiplier(ScheduleSpec(name="linear", warmup_steps=0), 100)
     assert mean_lr(1e-3, 0.5, schedule, 50, 100) == pytest.approx(1e-3 * 0.5 * sum(1 - s / 100 for s in range(50, 100)) / 50)
-    check = check_stage(StageCheck(2, ["block.0", "head"], 5, 0.1, {"block.0": 3e-7, "head": 1e-5}, "head", 1e-2), 50)
-    assert len(check.problems) == 3
+    check = check_stage(StageCheck(2, ["head"], 5, 0.1, {"head": 1e-5}, "head", 1e-2), 50)
+    assert len(check.problems) == 2
     assert "lasts 5 steps" in check.problems[0] and "1000x below 0.01" in check.problems[1]
-    assert "block.0 3e-07" in check.problems[2]
+    # a stage of pretrained blocks: its range test is not a yardstick (it over-suggests), slow groups still are
+    check = check_stage(StageCheck(2, ["block.0", "head"], 50, 1, {"block.0": 3e-7, "head": 1e-5}, "head", 1e-2), 50)
+    assert len(check.problems) == 1 and "block.0 3e-07" in check.problems[0]
+
+
+def test_a_fall_within_the_probe_noise_is_no_peak_and_backbone_lrs_are_capped():
+    noisy = Probe("accuracy", ["block.0", "block.1", "block.2"], [0.80, 0.81, 0.796], 0.69, 0.5, 1000, 300, 1.0)
+    assert recommend(2000, 900, noisy, blocks=3, updates_per_epoch=63).strategy == "full"  # 1.4 pt < 2 x 2.3 pt
+    clear = Probe("accuracy", ["block.0", "block.1", "block.2"], [0.99, 0.988, 0.968], 0.93, 0.87, 1000, 500, 1.0)
+    rec = recommend(2000, 900, clear, blocks=3, updates_per_epoch=63)  # 2.2 pt > 2 x 0.45 pt: retrain after block.0
+    assert (rec.strategy, rec.trainable_blocks) == ("partial", 2)
+    assert backbone_lr(4e-4, "partial")[0] == 1e-4 and "capped" in backbone_lr(4e-4, "full")[1]
+    assert backbone_lr(1e-2, "head_only") == (1e-2, None) and backbone_lr(5e-5, "full") == (5e-5, None)
 
 
 def test_advise_measures_the_data_and_the_features_and_checks_a_poor_plan(tiny_bert_dir, text_data, tmp_path):

@@ -151,6 +151,22 @@ def test_the_recipe_as_written_is_never_pruned(tiny_bert_dir, text_data, tmp_pat
     ({"optim.lr": {"float": [0, 1e-2], "log": True}}, "log: true needs low above 0"),
     ({"optim.lr": {"choices": [1e-3]}}, "search.space.optim.lr.choices"),
     ({"optim.lr": {"float": [1e-3, 1e-2], "categorical": [1e-3]}}, "give exactly one of"),
+    # what trials are compared on is not searched
+    ({"eval.metric": {"categorical": ["accuracy", "f1_macro"]}}, "eval.metric cannot be searched"),
+    ({"data.validation_fraction": {"float": [0.1, 0.3]}}, "data.validation_fraction cannot be searched"),
+    ({"task.type": {"categorical": ["classification"]}}, "task.type cannot be searched"),
+    ({}, "space is empty"),
+    # a condition on a misspelt key, or on a value its key never takes, would silently never search the key
+    ({"optim.lr": {"float": [1e-3, 1e-2], "when": {"optim.lr_stratgy": "single"}}},
+     "the recipe has no key optim.lr_stratgy"),
+    ({"optim.lr": {"float": [1e-3, 1e-2], "when": {"optim.lr_strategy": "layerwise"}}},
+     "optim.lr_strategy is 'single' in the recipe and not searched, so optim.lr would never be searched"),
+    ({"optim.lr_strategy": {"categorical": ["single", "layerwise_decay"]},
+      "optim.layer_decay": {"float": [0.5, 1.0], "when": {"optim.lr_strategy": "layer_decay"}}},
+     "never 'layer_decay', so optim.layer_decay would never be searched"),
+    ({"optim.lr": {"float": [1e-3, 1e-2], "step": 3e-3}}, "the recipe's own value 0.005 is not float in [0.001, 0.01] "
+                                                          "in steps of 0.003"),
+    ({"optim.lr": {"float": [1e-3, 1e-2], "step": 2e-3}}, "high - low must be a whole number of steps"),
 ])
 def test_a_search_space_error_is_a_clear_error_before_anything_runs(tiny_bert_dir, text_data, tmp_path, capsys,
                                                                     space, expected):
@@ -167,6 +183,94 @@ def test_a_study_continues_only_with_its_own_recipe(tiny_bert_dir, text_data, tm
     tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
     with pytest.raises(RecipeError, match="was started with another recipe"):
         tuneforge.tune(recipe, ["train.epochs=3"], trials=1, output_dir=tmp_path / "study")
+    # how the study runs is not what it searches: a continued study may keep more models
+    tuneforge.tune(recipe, ["search.keep_models=2"], trials=1, output_dir=tmp_path / "study")
+
+
+def test_every_problem_of_a_search_section_at_once(tiny_bert_dir, text_data, tmp_path):
+    search = {"space": {"eval.mode": {"categorical": ["max"]}, "output.dir": {"categorical": ["x"]}},
+              "objectives": ["train_seconds", "metric"]}
+    with pytest.raises(RecipeError) as raised:
+        tuneforge.tune(_recipe(tiny_bert_dir, text_data, tmp_path, search=search), output_dir=tmp_path / "study")
+    text = raised.value.render()
+    assert "first objective is metric" in text and "eval.mode cannot be searched" in text and "output.dir" in text
+
+
+def test_plans_tune_cannot_run_are_refused_before_anything_runs(tiny_bert_dir, text_data, tmp_path):
+    auto = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY, )
+    auto["model"]["freeze"] = {"strategy": "auto"}
+    with pytest.raises(RecipeError, match="strategy auto"):  # advise chooses one plan; tune compares plans
+        tuneforge.tune(auto, output_dir=tmp_path / "a")
+    deep = _recipe(tiny_bert_dir, text_data, tmp_path, search={"space": {
+        "model.freeze.trainable_blocks": {"int": [1, 5]}}})
+    deep["model"]["freeze"] = {"strategy": "partial", "trainable_blocks": 1}
+    with pytest.raises(RecipeError, match="up to 5, but the model has 2 blocks"):
+        tuneforge.tune(deep, output_dir=tmp_path / "b")
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
+    with pytest.raises(RecipeError, match="in-memory database"):
+        tuneforge.tune(recipe, storage="sqlite:///:memory:", workers=2, output_dir=tmp_path / "c")
+    with pytest.raises(RecipeError, match="--timeout"):
+        tuneforge.tune(recipe, timeout=-5, output_dir=tmp_path / "d")
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_another_study_in_the_same_folder_is_refused_and_the_first_keeps_its_trials(tiny_bert_dir, text_data,
+                                                                                    tmp_path):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
+    tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
+    first = tmp_path / "study" / "trials" / "trial-0000"
+    before = (first / "trial.json").read_text(), (first / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(RecipeError, match="holds another study"):
+        tuneforge.tune(recipe, trials=1, study="other", output_dir=tmp_path / "study")
+    with pytest.raises(RecipeError, match="holds another study"):
+        tuneforge.tune(recipe, trials=1, storage=f"sqlite:///{tmp_path / 'elsewhere.db'}", output_dir=tmp_path / "study")
+    assert ((first / "trial.json").read_text(), (first / "model" / "model.safetensors").read_bytes()) == before
+    # a study recreated in its database (same name) finds trial-0000 taken: that trial fails, the folder is untouched
+    (tmp_path / "study" / "study.db").unlink()
+    tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
+    assert ((first / "trial.json").read_text(), (first / "model" / "model.safetensors").read_bytes()) == before
+    failed = _trials(tmp_path / "study")[0]
+    assert failed.state.name == "FAIL" and "already exists" in failed.user_attrs["error"]
+
+
+def test_sections_as_choices_set_only_the_keys_they_name(tiny_bert_dir, text_data, tmp_path):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={"pruner": "none", "space": {
+        "model.freeze": {"categorical": [{"strategy": "full"}, {"strategy": "partial", "trainable_blocks": 1}]}}})
+    recipe["model"]["freeze"] = {"strategy": "full", "train_bn": True}  # a setting the choices leave as it is
+    tuneforge.tune(recipe, trials=3, output_dir=tmp_path / "study")
+    trials = _trials(tmp_path / "study")
+    assert trials[0].user_attrs["values"] == {"model.freeze": {"strategy": "full"}}  # the recipe as written
+    for trial in trials:
+        trained = yaml.safe_load((tmp_path / "study" / trial.user_attrs["run_dir"] / "recipe.yaml").read_text())
+        freeze = trained["model"]["freeze"]
+        assert freeze["train_bn"] is True
+        assert freeze["strategy"] == trial.user_attrs["values"]["model.freeze"]["strategy"]
+        assert freeze.get("trainable_blocks") == (1 if freeze["strategy"] == "partial" else None)
+
+
+def test_a_failing_trial_is_one_clear_line_and_leaves_its_record(tiny_bert_dir, text_data, tmp_path, monkeypatch,
+                                                                  capsys):
+    from tuneforge.tuning import trial as trial_module
+
+    real = trial_module.finetune
+
+    def second_fails(recipe, output_dir, **kwargs):
+        if output_dir.name == "trial-0001":
+            output_dir.mkdir(parents=True)
+            raise RecipeError(["the loss is not a number at step 3", "lower optim.lr"])
+        return real(recipe, output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(trial_module, "finetune", second_fails)
+    summary = tuneforge.tune(_recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY), trials=2,
+                             output_dir=tmp_path / "study")
+    failed = _trials(tmp_path / "study")[1]
+    assert failed.state.name == "FAIL"
+    assert failed.user_attrs["error"] == "the loss is not a number at step 3; lower optim.lr"
+    record = json.loads((tmp_path / "study" / "trials" / "trial-0001" / "trial.json").read_text())
+    assert record["state"] == "failed" and "lower optim.lr" in record["error"]
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err and "trial 1 fail" in out.out
+    assert summary.states == {"complete": 1, "fail": 1}
 
 
 def test_a_folder_that_is_not_a_study_is_refused_and_left_alone(tiny_bert_dir, text_data, tmp_path):
@@ -312,3 +416,60 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_that_runs_again(tiny_be
     assert trials[1].system_attrs["failed_trial"] == 0
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["states"] == {"fail": 1, "complete": 2}
+    # what the killed trial left (its checkpoints) is tidied, and its record says it was interrupted
+    killed = tmp_path / "study" / "trials" / "trial-0000"
+    assert not (killed / "checkpoints").exists() and not (killed / "model").exists()
+    assert json.loads((killed / "trial.json").read_text())["error"].startswith("interrupted")
+
+
+def test_the_documented_search_section_is_a_valid_one():
+    from tuneforge.config import load_recipe
+    from tuneforge.strategies.search import space_problems
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "strategies.md").read_text()
+    block = text[text.index("search:\n  space:"):]
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "sst2-minilm.yaml").read_text())
+    recipe.update(yaml.safe_load(block[:block.index("```")]))
+    loaded = load_recipe(recipe)
+    assert len(loaded.search.space) >= 5
+    assert space_problems(loaded.search.space, loaded.model_dump(mode="json"), load_recipe) == []
+
+
+def test_a_worker_that_fails_makes_the_command_fail_after_the_report(tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    from tuneforge.tuning import study as study_module
+
+    real = subprocess.Popen
+    seen = []
+
+    def second_worker_fails(command, **kwargs):
+        seen.append((command, kwargs["env"]))
+        if command[-1] == "2":  # --worker-index 2
+            command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(study_module.subprocess, "Popen", second_worker_fails)
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search={**LR_ONLY, "pruner": "none"})
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    with pytest.raises(tuneforge.TuneforgeError, match="worker\\(s\\) 2 of 2 ended with an error"):
+        tuneforge.tune(recipe, trials=2, workers=2, storage=storage, output_dir=tmp_path / "study")
+    assert (tmp_path / "study" / "summary.json").is_file()  # the report of what finished
+    # the storage URL (a password, for a server) reaches the workers by the environment, not the command line
+    assert all(storage not in " ".join(command) and env["TUNEFORGE_TUNE_STORAGE"] == storage for command, env in seen)
+
+
+def test_trials_share_a_frozen_prefix_only_when_its_inputs_are_the_same(tmp_path):
+    from tuneforge.config import load_recipe
+    from tuneforge.training.run import prefix_inputs_key
+
+    data = {"train": tmp_path / "t.tsv", "validation": tmp_path / "v.tsv"}
+    base = text_recipe(tmp_path / "model", data, tmp_path / "run")
+
+    def key(**changes) -> str:
+        recipe = json.loads(json.dumps(base))
+        for path, value in changes.items():
+            section, name = path.split("__")
+            recipe.setdefault(section, {})[name] = value
+        return prefix_inputs_key(load_recipe(recipe))
+
+    assert key() == key(optim__lr=1e-4) == key(model__head_dropout=0.3) == key(train__batch_size=16)
+    assert key() != key(model__max_length=32) and key() != key(data__max_train_examples=10)

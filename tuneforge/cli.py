@@ -167,7 +167,8 @@ def _add_tune(commands) -> None:
                                                              "--workers)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user:pass@host/db "
-                                        "(default: STUDY/study.db, SQLite)")
+                                        "(default: $TUNEFORGE_TUNE_STORAGE, which keeps a password off the command "
+                                        "line, else STUDY/study.db, SQLite)")
     tune.add_argument("--study", help="study name in the storage (default: the recipe's name)")
     tune.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (default 1)")
     tune.add_argument("--output-dir", help="study folder (default: the recipe's output.dir + -tune)")

@@ -57,6 +57,11 @@ class ParamSpec(Section):
             raise ValueError("log and step are for float and int, not categorical")
         if self.int_ is not None and self.step is not None and not float(self.step).is_integer():
             raise ValueError(f"an int key's step must be a whole number (got {self.step})")
+        if bounds is not None and self.step is not None:
+            steps = (bounds[1] - bounds[0]) / self.step
+            if not math.isclose(steps, round(steps), abs_tol=1e-9):
+                raise ValueError(f"high - low must be a whole number of steps (got [{bounds[0]}, {bounds[1]}] in steps "
+                                 f"of {self.step:g})")
         if self.categorical is not None and len({_key(c) for c in self.categorical}) != len(self.categorical):
             raise ValueError("categorical repeats a choice")
         return self
@@ -68,19 +73,31 @@ class ParamSpec(Section):
     def holds(self, value) -> bool:
         """Whether `value` is one this key can take (the recipe as written must be one: it is the first trial)."""
         if self.categorical is not None:
-            return _key(value) in {_key(c) for c in self.categorical}
+            return any(matches(choice, value) for choice in self.categorical)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         low, high = self.float_ or self.int_
         if self.int_ is not None and not float(value).is_integer():
             return False
+        if self.step is not None and not math.isclose((value - low) / self.step, round((value - low) / self.step),
+                                                      abs_tol=1e-9):
+            return False  # the search only draws low, low + step, ...
         return low <= value <= high
 
     def describe(self) -> str:
         if self.categorical is not None:
             return f"one of {self.categorical}"
         low, high = self.float_ or self.int_
-        return f"{self.kind} in [{low}, {high}]" + (" (log scale)" if self.log else "")
+        return f"{self.kind} in [{low}, {high}]" + (" (log scale)" if self.log else "") + \
+            (f" in steps of {self.step:g} from {low}" if self.step else "")
+
+
+def matches(choice, value) -> bool:
+    """Whether a recipe's value is this choice. A section choice names only some keys of the section (the rest as
+    the recipe has them), so it matches a section that has those keys with those values."""
+    if isinstance(choice, dict) and isinstance(value, dict):
+        return all(key in value and matches(item, value[key]) for key, item in choice.items())
+    return _key(choice) == _key(value)
 
 
 def _key(value) -> str:
@@ -101,25 +118,51 @@ class SearchSpec(Section):
     objectives: list[Literal["metric", "train_seconds"]] = Field(
         default_factory=lambda: ["metric"], min_length=1, max_length=2,
         description="metric (eval.metric on validation); add train_seconds to also minimise the training time")
-    keep_models: int = Field(1, ge=0, le=MAX_COUNT, description="keep the model folders of the best N trials")
+    keep_models: int = Field(1, ge=1, le=MAX_COUNT, description="keep the model folders of the best N trials (the "
+                                                                "best one is evaluated on the test split)")
     heartbeat_seconds: int = Field(30, ge=1, le=3600, description="a running trial's sign of life; a trial silent for "
                                                                  "three of these is marked failed and retried")
     retries: int = Field(2, ge=0, le=MAX_COUNT, description="how often a failed (interrupted) trial is run again")
 
     @model_validator(mode="after")
     def _checks(self) -> SearchSpec:
+        problems = []  # all of them at once
         if len(set(self.objectives)) != len(self.objectives):
-            raise ValueError("objectives repeats an objective")
+            problems.append("objectives repeats an objective")
         if self.objectives[0] != "metric":
-            raise ValueError("the first objective is metric (eval.metric on validation)")
+            problems.append("the first objective is metric (eval.metric on validation)")
         if len(self.objectives) > 1 and self.pruner != "none":
-            raise ValueError("pruning works with one objective; set pruner: none or drop train_seconds")
+            problems.append("pruning works with one objective; set pruner: none or drop train_seconds")
         if len(self.objectives) > 1 and self.sampler in ("gp", "cmaes"):
-            raise ValueError(f"sampler {self.sampler} takes one objective; use tpe, random or nsga2")
+            problems.append(f"sampler {self.sampler} takes one objective; use tpe, random or nsga2")
+        if self.space is not None and not self.space:
+            problems.append("space is empty; leave it out to search the task's default space")
         for key, param in (self.space or {}).items():
-            if key.startswith("search.") or key.split(".")[0] == "output":
-                raise ValueError(f"space: {key} cannot be searched (the search and the output are the study's own)")
-            for other in param.when:
-                if other == key:
-                    raise ValueError(f"space: {key} is conditional on itself")
+            why = unsearchable(key)
+            if why:
+                problems.append(f"space: {key} cannot be searched ({why})")
+            if key in param.when:
+                problems.append(f"space: {key} is conditional on itself")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+# Data keys that change what a trial learns from, not what it is measured on
+SEARCHABLE_DATA = ("data.max_train_examples", "data.sampler", "data.group_by_length", "data.augment", "data.num_workers")
+
+
+def unsearchable(key: str) -> str | None:
+    """Why a recipe key cannot be searched, or None: trials are compared on one validation split by one metric,
+    and write where the study puts them."""
+    top = key.split(".")[0]
+    if top in ("search", "output"):
+        return "the search and the output are the study's own"
+    if top == "task":
+        return "every trial solves the same task"
+    if key in ("eval", "eval.metric", "eval.mode"):
+        return "trials are compared by one metric"
+    if top == "data" and not any(key == k or key.startswith(k + ".") for k in SEARCHABLE_DATA):
+        return ("trials are measured on the same validation split; of data, only "
+                + ", ".join(k.removeprefix("data.") for k in SEARCHABLE_DATA) + " can be searched")
+    return None

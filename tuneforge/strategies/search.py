@@ -11,7 +11,7 @@ import copy
 import json
 
 from tuneforge.config import Recipe
-from tuneforge.config.search import ParamSpec
+from tuneforge.config.search import ParamSpec, matches
 from tuneforge.errors import RecipeError
 
 # Settings that belong to one choice of another key: a trial that picks another choice drops them.
@@ -102,7 +102,7 @@ def is_active(param: ParamSpec, values: dict, base: dict, searched) -> bool:
             return False
         current = values[other] if other in searched else get_path(base, other)
         allowed = wanted if isinstance(wanted, list) else [wanted]
-        if json.dumps(current) not in {json.dumps(a) for a in allowed}:
+        if not any(matches(a, current) for a in allowed):
             return False
     return True
 
@@ -117,17 +117,40 @@ def draw(space: dict[str, ParamSpec], base: dict, suggest) -> dict:
 
 
 def trial_recipe(base: dict, values: dict) -> dict:
-    """The recipe (raw) a trial trains: the base with the drawn values, less settings of choices not taken."""
+    """The recipe (raw) a trial trains: the base with the drawn values (a section choice sets the keys it names,
+    the rest of the section as the recipe has it), less the settings of choices not taken."""
     raw = copy.deepcopy(base)
     raw.pop("search", None)
+    given = set()
     for key, value in values.items():
-        set_path(raw, key, copy.deepcopy(value))
+        current = get_path(raw, key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, copy.deepcopy(value))
+            given |= {f"{key}.{leaf}" for leaf in _leaves(value)}
+        else:
+            set_path(raw, key, copy.deepcopy(value))
+            given.add(key)
     for path, (key, choice) in ORPHANS.items():
-        if key in values and values[key] != choice and ".".join(path) not in values:
+        orphan = ".".join(path)
+        if orphan not in given and any(key == k or key.startswith(k + ".") for k in values) \
+                and get_path(raw, key) != choice:
             parent = get_path(raw, ".".join(path[:-1]))
             if isinstance(parent, dict):
                 parent.pop(path[-1], None)
     return raw
+
+
+def _merge(into: dict, choice: dict) -> None:
+    for key, value in choice.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _leaves(section: dict, prefix: str = "") -> list[str]:
+    return [leaf for key, value in section.items()
+            for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
 
 def recipe_point(space: dict[str, ParamSpec], base: dict) -> dict:
@@ -144,6 +167,7 @@ def space_problems(space: dict[str, ParamSpec], base: dict, validate) -> list[st
     except RecipeError as error:
         return error.problems
     point = recipe_point(space, base)
+    problems += _condition_problems(space, base)
     for key in order:
         param = space[key]
         if key in point and not param.holds(point[key]) and _has_path(base, key):
@@ -160,6 +184,26 @@ def space_problems(space: dict[str, ParamSpec], base: dict, validate) -> list[st
                 problems += [f"search.space.{key}: the value {value!r} gives a recipe that fails: {problem}"
                              for problem in error.problems[:2]]
                 break
+    return problems
+
+
+def _condition_problems(space: dict[str, ParamSpec], base: dict) -> list[str]:
+    """Conditions that can never hold: a key neither searched nor in the recipe, a value its key never takes."""
+    problems = []
+    for key, param in space.items():
+        for other, wanted in param.when.items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            where = f"search.space.{key}.when.{other}"
+            if other in space:
+                never = [a for a in allowed if not space[other].holds(a)]
+                if len(never) == len(allowed):
+                    problems.append(f"{where}: {other} is searched as {space[other].describe()}, never "
+                                    f"{' or '.join(map(repr, allowed))}, so {key} would never be searched")
+            elif not _has_path(base, other):
+                problems.append(f"{where}: the recipe has no key {other} (and it is not searched); check the spelling")
+            elif not any(matches(a, get_path(base, other)) for a in allowed):
+                problems.append(f"{where}: {other} is {get_path(base, other)!r} in the recipe and not searched, so "
+                                f"{key} would never be searched")
     return problems
 
 
@@ -208,8 +252,7 @@ def enqueued_params(space: dict[str, ParamSpec], point: dict) -> dict:
         param = space[key]
         if param.categorical is not None:
             labels = choice_labels(param)
-            params[key] = labels[[json.dumps(c, sort_keys=True) for c in param.categorical].index(
-                json.dumps(value, sort_keys=True))]
+            params[key] = labels[next(i for i, c in enumerate(param.categorical) if matches(c, value))]
         else:
             params[key] = value
     return params

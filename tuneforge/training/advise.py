@@ -22,7 +22,7 @@ from tuneforge.config import Recipe, load_recipe, read_yaml
 from tuneforge.errors import RecipeError
 from tuneforge.models.adapters import adapter_scope
 from tuneforge.models.groups import layer_groups
-from tuneforge.strategies.advice import Recommendation, StageCheck, check_stage, mean_lr, probe_fit, recommend
+from tuneforge.strategies.advice import NEW_GROUPS, Recommendation, StageCheck, backbone_lr, check_stage, mean_lr, probe_fit, recommend
 from tuneforge.strategies.freeze import build_plan
 from tuneforge.strategies.optim import group_lrs
 from tuneforge.strategies.schedules import make_multiplier
@@ -61,6 +61,8 @@ def advise(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
     console = console or Console()
     started = time.perf_counter()
     recipe = load_recipe(recipe, overrides)
+    if range_test_steps < 10:  # before minutes of probing, not after
+        raise RecipeError([f"--range-test-steps {range_test_steps}: a range test needs at least 10 steps"])
     out = Path(output_dir) if output_dir else Path(f"{recipe.output_dir()}-advise")
     measured = recipe.model_copy(deep=True)
     if measured.model.freeze.strategy == "auto":  # measured as the full plan; the advice replaces it
@@ -76,10 +78,13 @@ def advise(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
     rec = recommend(len(data.splits["train"]), facts.smallest_class, probe, blocks, per_epoch)
     quiet = Console(quiet=True)
     tested = range_test_lr(measured, rec.freeze(), out / "recommended", range_test_steps, quiet)
-    rec.lr = round_lr(tested) if tested else recipe.optim.lr
-    rec.reasons.append(f"learning rate {rec.lr:g}: a tenth of where the loss was lowest in a {range_test_steps}-step "
-                       "range test of this plan" if tested else "learning rate: the recipe's (the range test found no "
-                                                                "falling loss)")
+    if tested:
+        rec.lr, capped = backbone_lr(round_lr(tested), rec.strategy)
+        rec.reasons.append(f"learning rate {rec.lr:g}: " + (capped or f"a tenth of where the loss was lowest in a "
+                                                                       f"{range_test_steps}-step range test of this plan"))
+    else:
+        rec.lr = recipe.optim.lr
+        rec.reasons.append("learning rate: the recipe's (the range test found no falling loss)")
     advice = Advice(rec, facts, probe, folder=out)
     if recipe.model.freeze.strategy != "auto":
         plan = build_plan(recipe.model.freeze, groups, loaded.head_prefixes, per_epoch, total, adapter_scope(loaded))
@@ -117,7 +122,8 @@ def _check_plan(recipe: Recipe, plan, groups, per_epoch: int, total: int, out: P
         check = StageCheck(index, stage.groups, end - stage.start_step, round((end - stage.start_step) / max(per_epoch, 1), 2),
                            {g: mean_lr(lrs[g], stage.lr_multiplier, schedule, stage.start_step, end) for g in trained},
                            reference if reference in trained else (trained[-1] if trained else reference))
-        check.responds_at = range_test_lr(recipe, freeze, out / f"stage-{index}", steps, console) if trained else None
+        if trained and set(trained) <= set(NEW_GROUPS):  # a range test of pretrained blocks over-suggests: not used
+            check.responds_at = range_test_lr(recipe, freeze, out / f"stage-{index}", steps, console)
         checks.append(check_stage(check, per_epoch))
     return checks
 

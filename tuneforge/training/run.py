@@ -8,6 +8,8 @@ at the end the best model is evaluated on every split (eval.json).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -94,6 +96,14 @@ def finetune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = N
     return result
 
 
+def prefix_inputs_key(recipe: Recipe) -> str:
+    """What a frozen prefix's outputs depend on besides its depth: the data and the model's settings (a study
+    that searches max_length or the training sample must not share one store between trials that differ)."""
+    model = recipe.model.model_dump(mode="json", exclude={"freeze", "head_dropout"})
+    inputs = {"data": recipe.data.model_dump(mode="json"), "task": recipe.task.model_dump(mode="json"), "model": model}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accelerator,
                       folder: Path) -> tuple[Assembly, list]:
     """The assembly with its train and validation loaders reading the cache in `folder`, and the replay hooks to
@@ -105,7 +115,7 @@ def use_feature_cache(recipe: Recipe, t: Assembly, run: Run, accelerator: Accele
     try:
         with storage_errors(folder):  # a full disk: a clear message, nothing else lost
             # A study's shared cache holds one store per prefix (trials freeze different depths).
-            where = folder / t.prefix.boundary if run.trial.feature_cache else folder
+            where = folder / f"{t.prefix.boundary}-{prefix_inputs_key(recipe)}" if run.trial.feature_cache else folder
             cached, handles = cache_splits(model, t.prefix, splits, where, eval_batch,
                                            accelerator.device, recipe.data.num_workers)
     except (ValueError, TypeError) as error:

@@ -19,7 +19,9 @@ def short_values(values: dict) -> str:
 
 
 def trial_value(trial: optuna.trial.FrozenTrial) -> float | None:
-    """The validation metric of a finished trial, or the last one a pruned trial reported."""
+    """The validation metric of a finished trial, or the last one a pruned trial reported (a failed one has none)."""
+    if trial.state == optuna.trial.TrialState.FAIL:
+        return None
     if trial.values:
         return trial.values[0]
     if trial.intermediate_values:
@@ -56,6 +58,8 @@ class TrialTable:
                 self.printed.add(trial.number)
                 value = trial_value(trial)
                 shown = "" if value is None else f" {self.metric} {value:.4f}"
+                if trial.state == optuna.trial.TrialState.FAIL:
+                    shown = f" ({trial.user_attrs.get('error', 'interrupted')})"
                 self.console.print(f"trial {trial.number} {trial.state.name.lower()}{shown}: "
                                    f"{short_values(trial.user_attrs.get('values', trial.params))}", soft_wrap=True)
 

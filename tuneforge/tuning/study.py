@@ -41,10 +41,11 @@ from tuneforge.tasks.registry import get_task
 from tuneforge.training.assembly import load_data_and_model
 from tuneforge.tuning.live import TrialTable
 from tuneforge.tuning.report import StudySummary, write_report
-from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, Objective, drop_models_outside_best
+from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, Objective, tidy_trials
 
 STUDY_FILE, STUDY_RECIPE, MARKER = "study.db", "study-recipe.yaml", "study.json"
 FINGERPRINT = "recipe_fingerprint"
+STORAGE_VARIABLE = "TUNEFORGE_TUNE_STORAGE"  # --storage's default, and how --workers hands the URL to its workers
 
 
 @dataclass(frozen=True)
@@ -68,33 +69,55 @@ def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None,
     console = console or Console()
     written, source = raw_recipe(recipe, overrides)
     recipe = parse_recipe(written, source)
-    if trials < 1 or workers < 1:
-        raise RecipeError(["--trials and --workers are at least 1"])
+    if trials < 1 or workers < 1 or (timeout is not None and not timeout > 0):
+        raise RecipeError(["--trials and --workers are at least 1, and --timeout is a number of seconds above 0"])
+    storage = storage or os.environ.get(STORAGE_VARIABLE) or None  # a password stays off command lines
     study_dir = Path(output_dir) if output_dir else Path(f"{recipe.output_dir()}-tune")
     plan = StudyPlan(recipe, study_dir, _storage_url(storage, study_dir), study or recipe.name, storage is not None)
+    if workers > 1 and _in_memory(plan.storage):
+        raise RecipeError([f"--storage {storage}: an in-memory database lives in one process; --workers needs a file "
+                           "or a server (leave --storage out for the study folder's SQLite file)"])
     space = _checked_space(recipe, console, quiet=worker_index is not None)
-    spec = recipe.search or SearchSpec()  # the section's defaults
     _claim(plan)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = _open_study(plan, spec, space, worker_index or 0)
-    if worker_index is None and workers > 1:
-        _run_workers(plan, opened, trials, timeout, workers, console)
-    else:
-        objective = Objective(study_dir, recipe.model_dump(mode="json"), space, spec.objectives,
-                              prunes=len(spec.objectives) == 1 and spec.pruner != "none")
-        table = TrialTable(opened, recipe.eval.metric, console, live=worker_index is None)
-
-        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            drop_models_outside_best(study, study_dir, spec.keep_models)
-            table.refresh()
-
-        with table:
-            opened.optimize(objective, n_trials=trials, timeout=timeout, catch=(TuneforgeError,),
-                            callbacks=[after_trial])
+    spec = recipe.search or SearchSpec()  # the section's defaults
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our one line, not optuna's traceback
+    try:
+        opened = _open_study(plan, spec, space, worker_index or 0)
+        if not (study_dir / MARKER).is_file():  # the storage opened: the folder is this study's from now on
+            write_json_atomic(study_dir / MARKER, _marker(plan))
+        failed = _optimize(plan, opened, spec, space, trials, timeout, workers, worker_index, console)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     if worker_index is not None:
         return None
     shutil.rmtree(study_dir / SHARED_CACHE_DIR, ignore_errors=True)  # the trials of this command are done
-    return write_report(opened, plan.recipe, written, space, study_dir, console)
+    tidy_trials(opened, study_dir, spec.keep_models)
+    summary = write_report(opened, plan.recipe, written, space, study_dir, console)
+    if failed:
+        raise TuneforgeError([f"worker(s) {', '.join(map(str, failed))} of {workers} ended with an error (see "
+                              f"{study_dir / LOGS_DIR}); the report covers the trials that finished"])
+    return summary
+
+
+def _optimize(plan: StudyPlan, opened: optuna.Study, spec: SearchSpec, space: dict, trials: int,
+              timeout: float | None, workers: int, worker_index: int | None, console: Console) -> list[int]:
+    """Run the trials, here or in `workers` processes; the numbers of the workers that failed."""
+    study_dir, recipe = plan.study_dir, plan.recipe
+    if worker_index is None and workers > 1:
+        return _run_workers(plan, opened, trials, timeout, workers, console)
+    objective = Objective(study_dir, recipe.model_dump(mode="json"), space, spec.objectives,
+                          prunes=len(spec.objectives) == 1 and spec.pruner != "none")
+    table = TrialTable(opened, recipe.eval.metric, console, live=worker_index is None)
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        tidy_trials(study, study_dir, spec.keep_models)
+        table.refresh()
+
+    with table:
+        opened.optimize(objective, n_trials=trials, timeout=timeout, catch=(TuneforgeError,),
+                        callbacks=[after_trial])
+    return []
 
 
 def _claim(plan: StudyPlan) -> None:
@@ -107,9 +130,24 @@ def _claim(plan: StudyPlan) -> None:
     if found and MARKER not in found:
         raise RecipeError([f"{folder} is not a tuneforge study folder (it holds {', '.join(found[:5])}"
                            f"{' …' if len(found) > 5 else ''}); choose a new or empty --output-dir"])
+    if MARKER in found:
+        try:
+            claimed = json.loads((folder / MARKER).read_text())
+        except (OSError, ValueError):
+            claimed = None
+        if claimed != _marker(plan):
+            raise RecipeError([f"{folder} holds another study ({folder / MARKER}: {claimed}); its trial folders are "
+                               f"not this one's to write: choose another --output-dir, or the same --study and "
+                               "--storage to continue that study"])
     folder.mkdir(parents=True, exist_ok=True)
-    if MARKER not in found:
-        write_json_atomic(folder / MARKER, {"study": plan.name, "storage": _without_password(plan.storage)})
+
+
+def _marker(plan: StudyPlan) -> dict:
+    return {"study": plan.name, "storage": _without_password(plan.storage)}
+
+
+def _in_memory(url: str) -> bool:
+    return url.startswith("sqlite") and url.split("://", 1)[-1] in ("", "/", "/:memory:")
 
 
 def _storage_url(storage: str | None, study_dir: Path) -> str:
@@ -128,12 +166,17 @@ def _checked_space(recipe: Recipe, console: Console, quiet: bool) -> dict:
         raise RecipeError(["tune compares trials on the validation split: give data.validation or "
                            "data.validation_fraction (the test split is only used once, for the best trial)"])
     task = get_task(recipe.task.type)
-    if recipe.search is not None and recipe.search.space:
-        space = recipe.search.space
-    else:
-        blocks = sum(1 for group in layer_groups(loaded.model, loaded.head_prefixes) if group.name.startswith("block."))
-        space = task.search_space(recipe, blocks)
+    blocks = sum(1 for group in layer_groups(loaded.model, loaded.head_prefixes) if group.name.startswith("block."))
+    space = recipe.search.space if recipe.search is not None and recipe.search.space else task.search_space(recipe, blocks)
     problems = space_problems(space, recipe.model_dump(mode="json"), load_recipe)
+    strategy = space.get("model.freeze.strategy")
+    if recipe.model.freeze.strategy == "auto" or (strategy and strategy.holds("auto")):
+        problems.append("model.freeze.strategy auto: `tuneforge advise` chooses one plan, tune compares plans; give "
+                        "tune a concrete strategy (or search model.freeze.strategy over full, partial, head_only)")
+    depth = space.get("model.freeze.trainable_blocks")
+    if depth is not None and depth.int_ is not None and depth.int_[1] > blocks:
+        problems.append(f"search.space.model.freeze.trainable_blocks: up to {depth.int_[1]}, but the model has "
+                        f"{blocks} blocks")
     if problems:
         raise RecipeError(problems)
     return space
@@ -142,6 +185,8 @@ def _checked_space(recipe: Recipe, console: Console, quiet: bool) -> dict:
 def _fingerprint(recipe: Recipe) -> str:
     """What makes two commands the same study: the recipe and its search, not where it writes."""
     raw = recipe.model_dump(mode="json", exclude={"output"})
+    for setting in ("keep_models", "heartbeat_seconds", "retries"):  # how the study runs, not what it searches
+        (raw.get("search") or {}).pop(setting, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -164,7 +209,9 @@ def _open_study(plan: StudyPlan, spec, space: dict, worker: int) -> optuna.Study
     # Seeded, yet never the same draws again: a continued study, or another worker, starts its own sequence (a
     # worker started by hand on a shared database may start beside another at the same moment: its process id too).
     alone = worker or (os.getpid() if plan.shared else 0)
-    study.sampler = _sampler(spec, plan.recipe.train.seed + 7919 * alone + len(study.trials))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # grouped TPE, constant liar
+        study.sampler = _sampler(spec, plan.recipe.train.seed + 7919 * alone + len(study.trials))
     return study
 
 
@@ -198,7 +245,7 @@ def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
 @contextlib.contextmanager
 def _creation_lock(plan: StudyPlan):
     """One worker at a time creates or opens the study: a PostgreSQL advisory lock, or a lock on the SQLite file."""
-    if plan.storage.startswith("sqlite:///"):
+    if plan.storage.startswith("sqlite:///") and not _in_memory(plan.storage):
         with open(plan.storage.removeprefix("sqlite:///") + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -261,7 +308,7 @@ def _pruner(spec, space: dict, recipe: Recipe) -> optuna.pruners.BasePruner:
 
 
 def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: float | None, workers: int,
-                 console: Console) -> None:
+                 console: Console) -> list[int]:
     """K local worker processes, each `tuneforge tune` on the same study, sharing the CPU's threads; the trials are
     split between them. This process shows the study's table while they work."""
     shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
@@ -273,11 +320,12 @@ def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: flo
         if share == 0:
             continue
         command = [sys.executable, "-m", "tuneforge", "tune", str(plan.study_dir / STUDY_RECIPE), "--trials", str(share),
-                   "--storage", plan.storage, "--study", plan.name, "--output-dir", str(plan.study_dir),
-                   "--worker-index", str(index + 1)]
+                   "--study", plan.name, "--output-dir", str(plan.study_dir), "--worker-index", str(index + 1)]
         if timeout is not None:
             command += ["--timeout", str(timeout)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        # the storage URL (and any password in it) by the environment: command lines are visible to every user
+        env = {**os.environ, STORAGE_VARIABLE: plan.storage, "OMP_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads)}
         with (logs / f"worker-{index + 1}.log").open("w") as log:
             children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     table = TrialTable(study, plan.recipe.eval.metric, console, live=True)
@@ -286,6 +334,4 @@ def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: flo
             table.refresh()
             time.sleep(2)
         table.refresh()
-    failed = [i + 1 for i, child in enumerate(children) if child.returncode != 0]
-    if failed:
-        console.print(f"[yellow]tune: worker(s) {failed} ended with an error; see {logs}[/]")
+    return [i + 1 for i, child in enumerate(children) if child.returncode != 0]

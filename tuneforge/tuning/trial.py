@@ -16,7 +16,7 @@ from rich.console import Console
 from tuneforge.artifacts import CHECKPOINT_DIR, EVAL_FILE, FEATURE_CACHE_DIR, METRICS_FILE, MODEL_DIR, write_json_atomic
 from tuneforge.config import Recipe, load_recipe
 from tuneforge.config.search import ParamSpec
-from tuneforge.errors import TuneforgeError, first_line
+from tuneforge.errors import TuneforgeError
 from tuneforge.strategies.search import draw, suggest_with, trial_recipe
 from tuneforge.training.run import TrialLink, finetune
 
@@ -42,22 +42,27 @@ class Objective:
         values = draw(self.space, self.base, suggest_with(trial))
         trial.set_user_attr("values", values)  # exact values, sections included (params hold them as text)
         run_dir = trial_dir(self.study_dir, trial.number)
+        if run_dir.exists():  # not made by this trial (a study recreated in its database): never written into
+            error = f"{run_dir} already exists; it is not this trial's, so it is left as it is"
+            trial.set_user_attr("error", error)
+            raise TuneforgeError([error])
         trial.set_user_attr("run_dir", str(run_dir.relative_to(self.study_dir)))
-        recipe = load_recipe(trial_recipe(self.base, values))
         log = self.study_dir / LOGS_DIR / f"trial-{trial.number:04d}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as stream:
-            link = TrialLink(held_out=("test",), on_validation=self._reporter(trial, recipe, run_dir),
-                             feature_cache=self.study_dir / SHARED_CACHE_DIR)
             try:
+                recipe = load_recipe(trial_recipe(self.base, values))
+                link = TrialLink(held_out=("test",), on_validation=self._reporter(trial, recipe, run_dir),
+                                 feature_cache=self.study_dir / SHARED_CACHE_DIR)
                 result = finetune(recipe, output_dir=run_dir, console=Console(file=stream, width=120), trial=link)
             except optuna.TrialPruned:
                 _finish(run_dir, trial.number, "pruned", values, keep_model=False)
                 raise
             except TuneforgeError as error:  # a bad corner of the space (a learning rate that diverges): this trial fails
-                trial.set_user_attr("error", first_line(error.render()))
-                if run_dir.is_dir():
-                    _finish(run_dir, trial.number, "failed", values, keep_model=False, error=error.render())
+                trial.set_user_attr("error", "; ".join(error.problems))
+                stream.write(error.render() + "\n")
+                run_dir.mkdir(parents=True, exist_ok=True)  # made by this trial, or absent until now
+                _finish(run_dir, trial.number, "failed", values, keep_model=False, error=error.render())
                 raise
         validation = result.metrics["splits"]["validation"]
         metric = recipe.eval.metric
@@ -101,9 +106,11 @@ def _finish(run_dir: Path, number: int, state: str, values: dict, keep_model: bo
     write_json_atomic(run_dir / TRIAL_FILE, record)
 
 
-def drop_models_outside_best(study: optuna.Study, study_dir: Path, keep: int) -> list[int]:
-    """Remove the model folders of finished trials that are not among the `keep` best; returns their numbers.
-    Only this study folder's trial directories are touched, and only their model/."""
+def tidy_trials(study: optuna.Study, study_dir: Path, keep: int) -> list[int]:
+    """Remove the model folders of finished trials that are not among the `keep` best (returns their numbers),
+    and what a killed trial left (its checkpoints and model; trial.json then says it was interrupted). Only this
+    study's trial directories are touched (the study folder is claimed by its study.json, and a trial never
+    trains into a folder it did not make), and in them only what tuneforge wrote."""
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     ranked = sorted(finished, key=lambda t: t.values[0], reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
     best = {t.number for t in ranked[:keep]}
@@ -113,4 +120,9 @@ def drop_models_outside_best(study: optuna.Study, study_dir: Path, keep: int) ->
         if t.number not in best and folder.is_dir() and (folder.parent / TRIAL_FILE).is_file():  # a trial's own
             shutil.rmtree(folder, ignore_errors=True)
             dropped.append(t.number)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        folder = study_dir / t.user_attrs["run_dir"] if "run_dir" in t.user_attrs else None
+        if folder is not None and folder.is_dir() and not (folder / TRIAL_FILE).is_file():
+            _finish(folder, t.number, "failed", t.user_attrs.get("values", {}), keep_model=False,
+                    error="interrupted (its worker stopped sending heartbeats)")
     return dropped
