@@ -167,6 +167,9 @@ def test_the_recipe_as_written_is_never_pruned(tiny_bert_dir, text_data, tmp_pat
     ({"optim.lr": {"float": [1e-3, 1e-2], "step": 3e-3}}, "the recipe's own value 0.005 is not float in [0.001, 0.01] "
                                                           "in steps of 0.003"),
     ({"optim.lr": {"float": [1e-3, 1e-2], "step": 2e-3}}, "high - low must be a whole number of steps"),
+    # a setting of one choice, searched without saying so, would fail every trial of another choice
+    ({"model.freeze.strategy": {"categorical": ["full", "partial"]}, "model.freeze.trainable_blocks": {"int": [1, 2]}},
+     "add when: {model.freeze.strategy: partial}"),
 ])
 def test_a_search_space_error_is_a_clear_error_before_anything_runs(tiny_bert_dir, text_data, tmp_path, capsys,
                                                                     space, expected):
@@ -204,7 +207,7 @@ def test_plans_tune_cannot_run_are_refused_before_anything_runs(tiny_bert_dir, t
     deep = _recipe(tiny_bert_dir, text_data, tmp_path, search={"space": {
         "model.freeze.trainable_blocks": {"int": [1, 5]}}})
     deep["model"]["freeze"] = {"strategy": "partial", "trainable_blocks": 1}
-    with pytest.raises(RecipeError, match="up to 5, but the model has 2 blocks"):
+    with pytest.raises(RecipeError, match="search.space reaches 5, but the model has 2 blocks"):
         tuneforge.tune(deep, output_dir=tmp_path / "b")
     recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
     with pytest.raises(RecipeError, match="in-memory database"):
@@ -225,12 +228,42 @@ def test_another_study_in_the_same_folder_is_refused_and_the_first_keeps_its_tri
     with pytest.raises(RecipeError, match="holds another study"):
         tuneforge.tune(recipe, trials=1, storage=f"sqlite:///{tmp_path / 'elsewhere.db'}", output_dir=tmp_path / "study")
     assert ((first / "trial.json").read_text(), (first / "model" / "model.safetensors").read_bytes()) == before
-    # a study recreated in its database (same name) finds trial-0000 taken: that trial fails, the folder is untouched
+    # its database removed, the study would start again over trials it does not know: refused, the folder untouched
     (tmp_path / "study" / "study.db").unlink()
-    tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
+    with pytest.raises(RecipeError, match="holds the trials of an earlier one"):
+        tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "study")
     assert ((first / "trial.json").read_text(), (first / "model" / "model.safetensors").read_bytes()) == before
-    failed = _trials(tmp_path / "study")[0]
-    assert failed.state.name == "FAIL" and "already exists" in failed.user_attrs["error"]
+
+
+def test_a_moved_study_folder_continues_and_a_failed_first_start_can_be_retried(tiny_bert_dir, text_data, tmp_path):
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path, search=LR_ONLY)
+    tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert sum(tuneforge.tune(recipe, trials=1, output_dir=tmp_path / "b").states.values()) == 2
+    # what a first start that failed after opening its database leaves is no obstacle to the next
+    leftover = tmp_path / "c"
+    leftover.mkdir()
+    (leftover / "study.db").touch()
+    (leftover / "study.db.lock").touch()
+    assert sum(tuneforge.tune(recipe, trials=1, output_dir=leftover).states.values()) == 1
+
+
+def test_choices_compare_by_value_and_maps_are_replaced_not_merged():
+    from tuneforge.config.search import ParamSpec
+    from tuneforge.strategies.search import draw, space_problems, trial_recipe
+
+    assert ParamSpec(categorical=[0, 0.01]).holds(0.0) and not ParamSpec(categorical=[1, 2]).holds(True)
+    base = {"optim": {"lr": 1e-3, "group_lr": {"backbone": 1e-5, "head": 1e-3}, "schedule": {"name": "linear",
+                                                                                              "warmup_ratio": 0.1}}}
+    assert trial_recipe(base, {"optim.group_lr": {"head": 1e-3}})["optim"]["group_lr"] == {"head": 1e-3}
+    assert trial_recipe(base, {"optim.schedule": {"name": "cosine"}})["optim"]["schedule"] == {"name": "cosine",
+                                                                                            "warmup_ratio": 0.1}
+    # a condition on a key inside a searched section reads the section's choice
+    space = {"optim.schedule": ParamSpec(categorical=[{"name": "linear"}, {"name": "cosine"}]),
+             "optim.lr": ParamSpec(float=(1e-4, 1e-2), when={"optim.schedule.name": "cosine"})}
+    assert "optim.lr" in draw(space, base, lambda key, p: p.categorical[1] if p.categorical else 1e-3)
+    assert "optim.lr" not in draw(space, base, lambda key, p: p.categorical[0] if p.categorical else 1e-3)
+    assert not [p for p in space_problems(space, base, lambda raw: None) if "optim.schedule.name" in p]
 
 
 def test_sections_as_choices_set_only_the_keys_they_name(tiny_bert_dir, text_data, tmp_path):

@@ -97,7 +97,13 @@ def matches(choice, value) -> bool:
     the recipe has them), so it matches a section that has those keys with those values."""
     if isinstance(choice, dict) and isinstance(value, dict):
         return all(key in value and matches(item, value[key]) for key, item in choice.items())
+    if _number(choice) and _number(value):
+        return choice == value  # 0 is 0.0, 3 is 3.0
     return _key(choice) == _key(value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _key(value) -> str:
@@ -158,8 +164,8 @@ def unsearchable(key: str) -> str | None:
     top = key.split(".")[0]
     if top in ("search", "output"):
         return "the search and the output are the study's own"
-    if top == "task":
-        return "every trial solves the same task"
+    if key in ("task", "task.type", "task.labels", "task.label_names") or key.split(".")[-1].endswith("threshold"):
+        return "every trial solves the same task and is measured the same way"
     if key in ("eval", "eval.metric", "eval.mode"):
         return "trials are compared by one metric"
     if top == "data" and not any(key == k or key.startswith(k + ".") for k in SEARCHABLE_DATA):

@@ -31,7 +31,8 @@ class Recommendation:
         return {"strategy": self.strategy, **({"trainable_blocks": self.trainable_blocks} if self.trainable_blocks else {})}
 
 
-def recommend(examples: int, smallest_class: int | None, probe, blocks: int, updates_per_epoch: int) -> Recommendation:
+def recommend(examples: int, smallest_class: int | None, probe, blocks: int, updates_per_epoch: int,
+              no_probe: str = "no linear probe for this task") -> Recommendation:
     """The freezing strategy and length the measured figures call for (the LR comes from a range test)."""
     head_epochs = epochs_for(2 * TARGET_STEPS, updates_per_epoch, 3, 30)
     if examples < FEW_EXAMPLES or (smallest_class is not None and smallest_class < FEW_PER_CLASS):
@@ -40,9 +41,7 @@ def recommend(examples: int, smallest_class: int | None, probe, blocks: int, upd
             f"{few}: too few to move the backbone without losing what it knows; the new head alone"])
     if probe is None:
         return Recommendation("full", None, epochs_for(TARGET_STEPS, updates_per_epoch, 2, 10), reasons=[
-            f"{examples} training examples and no linear probe (the task has no class or number per example, or "
-            "no validation split to score a probe on: give data.validation or data.validation_fraction): full "
-            "fine-tuning, the safe default"])
+            f"{examples} training examples and {no_probe}: full fine-tuning, the safe default"])
     fit = probe_fit(probe, probe.head_input)
     majority = f" (majority {probe.baseline:.3f})" if probe.metric == "accuracy" else ""
     figures = f"a linear probe of what the new head reads from the frozen model: {probe.metric} {probe.head_input:.3f}{majority}"
@@ -77,8 +76,8 @@ def backbone_lr(tested: float, strategy: str) -> tuple[float, str | None]:
     """The range test's LR, capped for plans that train pretrained blocks: the loss of a few dozen steps keeps
     falling at LRs that unsettle a pretrained model over a whole run."""
     if strategy != "head_only" and tested > BACKBONE_LR_CAP:
-        return BACKBONE_LR_CAP, (f"capped at {BACKBONE_LR_CAP:g}: this plan trains pretrained blocks, and the "
-                                 f"{tested:.1g} of a short range test is more than a whole run of them tolerates")
+        return BACKBONE_LR_CAP, (f"the range test's {tested:.1g}, capped: this plan trains pretrained blocks, and a "
+                                 "short range test points higher than a whole run of them tolerates")
     return tested, None
 
 

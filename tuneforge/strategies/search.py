@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
+
+from pydantic import BaseModel
 
 from tuneforge.config import Recipe
 from tuneforge.config.search import ParamSpec, matches
@@ -85,8 +88,9 @@ def search_order(space: dict[str, ParamSpec]) -> list[str]:
             raise RecipeError([f"search.space: the conditions of {' -> '.join((*chain, key))} go round in a circle"])
         placing.add(key)
         for other in space[key].when:
-            if other in space:
-                place(other, (*chain, key))
+            for searched in space:  # the key itself, or a searched section holding it
+                if other == searched or other.startswith(searched + "."):
+                    place(searched, (*chain, key))
         order.append(key)
 
     for key in space:
@@ -98,9 +102,11 @@ def is_active(param: ParamSpec, values: dict, base: dict, searched) -> bool:
     """Whether a key is searched, given the values drawn so far (a searched key that was not drawn has no
     value, so nothing that depends on it is searched) and the recipe for the keys that are not searched."""
     for other, wanted in param.when.items():
-        if other in searched and other not in values:
+        holders = [k for k in searched if other == k or other.startswith(k + ".")]
+        if any(k not in values for k in holders):
             return False
-        current = values[other] if other in searched else get_path(base, other)
+        current = values[other] if other in searched else \
+            get_path(trial_recipe(base, {k: values[k] for k in holders}), other) if holders else get_path(base, other)
         allowed = wanted if isinstance(wanted, list) else [wanted]
         if not any(matches(a, current) for a in allowed):
             return False
@@ -124,8 +130,8 @@ def trial_recipe(base: dict, values: dict) -> dict:
     given = set()
     for key, value in values.items():
         current = get_path(raw, key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            _merge(current, copy.deepcopy(value))
+        if isinstance(value, dict) and isinstance(current, dict) and is_section(key):
+            _merge(current, copy.deepcopy(value), key)
             given |= {f"{key}.{leaf}" for leaf in _leaves(value)}
         else:
             set_path(raw, key, copy.deepcopy(value))
@@ -140,12 +146,28 @@ def trial_recipe(base: dict, values: dict) -> dict:
     return raw
 
 
-def _merge(into: dict, choice: dict) -> None:
-    for key, value in choice.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+def is_section(key: str) -> bool:
+    """Whether a recipe key is a section of settings (model.freeze, optim.schedule), which a choice sets key by
+    key, rather than a mapping the user fills (optim.group_lr, model.factory_kwargs), which a choice replaces."""
+    section = Recipe
+    for part in key.split("."):
+        field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None:
+            return False
+        models = [t for t in (field.annotation, *typing.get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            return False
+        section = models[0]
+    return True
+
+
+def _merge(into: dict, choice: dict, key: str) -> None:
+    for name, value in choice.items():
+        if isinstance(value, dict) and isinstance(into.get(name), dict) and is_section(f"{key}.{name}"):
+            _merge(into[name], value, f"{key}.{name}")
         else:
-            into[key] = value
+            into[name] = value
 
 
 def _leaves(section: dict, prefix: str = "") -> list[str]:
@@ -194,6 +216,8 @@ def _condition_problems(space: dict[str, ParamSpec], base: dict) -> list[str]:
         for other, wanted in param.when.items():
             allowed = wanted if isinstance(wanted, list) else [wanted]
             where = f"search.space.{key}.when.{other}"
+            if other not in space and any(other.startswith(k + ".") for k in space):
+                continue  # inside a searched section: its choices decide
             if other in space:
                 never = [a for a in allowed if not space[other].holds(a)]
                 if len(never) == len(allowed):
@@ -204,6 +228,11 @@ def _condition_problems(space: dict[str, ParamSpec], base: dict) -> list[str]:
             elif not any(matches(a, get_path(base, other)) for a in allowed):
                 problems.append(f"{where}: {other} is {get_path(base, other)!r} in the recipe and not searched, so "
                                 f"{key} would never be searched")
+    for (*parent, name), (governing, choice) in ORPHANS.items():
+        orphan = ".".join((*parent, name))
+        if orphan in space and governing in space and space[orphan].when.get(governing) not in (choice, [choice]):
+            problems.append(f"search.space.{orphan}: it is for {governing} {choice} only, and {governing} is searched: "
+                            f"add when: {{{governing}: {choice}}}")
     return problems
 
 

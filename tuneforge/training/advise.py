@@ -75,7 +75,9 @@ def advise(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
     groups = layer_groups(loaded.model, loaded.head_prefixes)
     blocks = sum(1 for g in groups if g.name.startswith("block."))
     per_epoch, total = training_length(math.ceil(len(data.splits["train"]) / batch), recipe.train)
-    rec = recommend(len(data.splits["train"]), facts.smallest_class, probe, blocks, per_epoch)
+    no_probe = "no validation split to score a linear probe on (give data.validation or data.validation_fraction)" \
+        if "validation" not in data.splits else "no linear probe for this task's targets"
+    rec = recommend(len(data.splits["train"]), facts.smallest_class, probe, blocks, per_epoch, no_probe)
     quiet = Console(quiet=True)
     tested = range_test_lr(measured, rec.freeze(), out / "recommended", range_test_steps, quiet)
     if tested:

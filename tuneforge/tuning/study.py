@@ -41,7 +41,7 @@ from tuneforge.tasks.registry import get_task
 from tuneforge.training.assembly import load_data_and_model
 from tuneforge.tuning.live import TrialTable
 from tuneforge.tuning.report import StudySummary, write_report
-from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, Objective, tidy_trials
+from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, TRIALS_DIR, Objective, tidy_trials
 
 STUDY_FILE, STUDY_RECIPE, MARKER = "study.db", "study-recipe.yaml", "study.json"
 FINGERPRINT = "recipe_fingerprint"
@@ -74,9 +74,10 @@ def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None,
     storage = storage or os.environ.get(STORAGE_VARIABLE) or None  # a password stays off command lines
     study_dir = Path(output_dir) if output_dir else Path(f"{recipe.output_dir()}-tune")
     plan = StudyPlan(recipe, study_dir, _storage_url(storage, study_dir), study or recipe.name, storage is not None)
-    if workers > 1 and _in_memory(plan.storage):
-        raise RecipeError([f"--storage {storage}: an in-memory database lives in one process; --workers needs a file "
-                           "or a server (leave --storage out for the study folder's SQLite file)"])
+    if _in_memory(plan.storage):
+        raise RecipeError([f"--storage {storage}: an in-memory database ends with the command (and is not shared with "
+                           "workers or heartbeats); give a file or a server, or leave --storage out for the study "
+                           "folder's SQLite file"])
     space = _checked_space(recipe, console, quiet=worker_index is not None)
     _claim(plan)
     spec = recipe.search or SearchSpec()  # the section's defaults
@@ -87,13 +88,16 @@ def tune(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None,
         if not (study_dir / MARKER).is_file():  # the storage opened: the folder is this study's from now on
             write_json_atomic(study_dir / MARKER, _marker(plan))
         failed = _optimize(plan, opened, spec, space, trials, timeout, workers, worker_index, console)
+        if worker_index is not None:
+            return None
+        shutil.rmtree(study_dir / SHARED_CACHE_DIR, ignore_errors=True)  # the trials of this command are done
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(opened)  # a worker that died during this command: failed, queued again
+        tidy_trials(opened, study_dir, spec.keep_models)
+        summary = write_report(opened, plan.recipe, written, space, study_dir, console)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    if worker_index is not None:
-        return None
-    shutil.rmtree(study_dir / SHARED_CACHE_DIR, ignore_errors=True)  # the trials of this command are done
-    tidy_trials(opened, study_dir, spec.keep_models)
-    summary = write_report(opened, plan.recipe, written, space, study_dir, console)
     if failed:
         raise TuneforgeError([f"worker(s) {', '.join(map(str, failed))} of {workers} ended with an error (see "
                               f"{study_dir / LOGS_DIR}); the report covers the trials that finished"])
@@ -127,7 +131,9 @@ def _claim(plan: StudyPlan) -> None:
     if folder.exists() and not folder.is_dir():
         raise RecipeError([f"the study folder {folder} is a file; choose another --output-dir"])
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if found and MARKER not in found:
+    # a first start that failed after opening the database leaves only these
+    leftovers = {STUDY_FILE, f"{STUDY_FILE}.lock", f"{STUDY_FILE}-journal", f"{STUDY_FILE}-wal", f"{STUDY_FILE}-shm"}
+    if found and MARKER not in found and not set(found) <= leftovers:
         raise RecipeError([f"{folder} is not a tuneforge study folder (it holds {', '.join(found[:5])}"
                            f"{' …' if len(found) > 5 else ''}); choose a new or empty --output-dir"])
     if MARKER in found:
@@ -143,7 +149,9 @@ def _claim(plan: StudyPlan) -> None:
 
 
 def _marker(plan: StudyPlan) -> dict:
-    return {"study": plan.name, "storage": _without_password(plan.storage)}
+    """The study's name and storage; the folder's own SQLite file by its name, so a moved folder stays its study's."""
+    own = plan.storage == _storage_url(None, plan.study_dir)  # however it was given (--workers hands it on)
+    return {"study": plan.name, "storage": STUDY_FILE if own else _without_password(plan.storage)}
 
 
 def _in_memory(url: str) -> bool:
@@ -174,9 +182,10 @@ def _checked_space(recipe: Recipe, console: Console, quiet: bool) -> dict:
         problems.append("model.freeze.strategy auto: `tuneforge advise` chooses one plan, tune compares plans; give "
                         "tune a concrete strategy (or search model.freeze.strategy over full, partial, head_only)")
     depth = space.get("model.freeze.trainable_blocks")
-    if depth is not None and depth.int_ is not None and depth.int_[1] > blocks:
-        problems.append(f"search.space.model.freeze.trainable_blocks: up to {depth.int_[1]}, but the model has "
-                        f"{blocks} blocks")
+    deepest = _largest(depth) if depth is not None else None
+    if deepest is not None and deepest > blocks:
+        where = "search.space" if recipe.search is not None and recipe.search.space else "the default space (from the recipe)"
+        problems.append(f"model.freeze.trainable_blocks: {where} reaches {deepest}, but the model has {blocks} blocks")
     if problems:
         raise RecipeError(problems)
     return space
@@ -236,6 +245,11 @@ def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
                            "or search space; continue it with the same recipe, or start another (--study NAME or "
                            "--output-dir)"])
     write_text_atomic(plan.study_dir / STUDY_RECIPE, recipe.to_yaml())
+    trials_dir = plan.study_dir / TRIALS_DIR
+    if not study.trials and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise RecipeError([f"study {plan.name!r} is not in {_without_password(plan.storage)}, yet {trials_dir} holds the "
+                           "trials of an earlier one (its database was removed or replaced): choose another "
+                           "--output-dir, or restore that database"])
     if not study.trials:
         point = recipe_point(space, recipe.model_dump(mode="json"))
         study.enqueue_trial(enqueued_params(space, point), user_attrs={AS_WRITTEN: True})
@@ -302,9 +316,17 @@ def _pruner(spec, space: dict, recipe: Recipe) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    epochs = space["train.epochs"].int_[1] if "train.epochs" in space else recipe.train.epochs
-    return optuna.pruners.HyperbandPruner(min_resource=100, max_resource=max(100, int(epochs) * 100),
+    epochs = _largest(space["train.epochs"]) if "train.epochs" in space else recipe.train.epochs
+    return optuna.pruners.HyperbandPruner(min_resource=100, max_resource=max(100, int(epochs or 1) * 100),
                                           reduction_factor=3)
+
+
+def _largest(param) -> int | None:
+    """The largest value a numeric key can take (an int range's high end, or its largest numeric choice)."""
+    if param.int_ is not None or param.float_ is not None:
+        return int((param.int_ or param.float_)[1])
+    numbers = [c for c in param.categorical if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    return int(max(numbers)) if numbers else None
 
 
 def _run_workers(plan: StudyPlan, study: optuna.Study, trials: int, timeout: float | None, workers: int,
