@@ -70,8 +70,9 @@ def test_a_fall_within_the_probe_noise_is_no_peak_and_backbone_lrs_are_capped():
     clear = Probe("accuracy", ["block.0", "block.1", "block.2"], [0.99, 0.988, 0.968], 0.93, 0.87, 1000, 500, 1.0)
     rec = recommend(2000, 900, clear, blocks=3, updates_per_epoch=63)  # 2.2 pt > 2 x 0.45 pt: retrain after block.0
     assert (rec.strategy, rec.trainable_blocks) == ("partial", 2)
-    assert backbone_lr(4e-4, "partial")[0] == 1e-4 and "capped" in backbone_lr(4e-4, "full")[1]
-    assert backbone_lr(1e-2, "head_only") == (1e-2, None) and backbone_lr(5e-5, "full") == (5e-5, None)
+    assert backbone_lr(4e-4, "partial", True)[0] == 1e-4 and "capped" in backbone_lr(4e-4, "full", True)[1]
+    assert backbone_lr(1e-2, "head_only", True) == (1e-2, None) and backbone_lr(5e-5, "full", True) == (5e-5, None)
+    assert backbone_lr(2e-3, "full", transformer=False) == (2e-3, None)  # a CNN's range test is a good guide
 
 
 def test_advise_measures_the_data_and_the_features_and_checks_a_poor_plan(tiny_bert_dir, text_data, tmp_path):

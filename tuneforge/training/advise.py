@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from transformers import PreTrainedModel
 
 from tuneforge.artifacts import RECIPE_FILE, write_json_atomic
 from tuneforge.config import Recipe, load_recipe, read_yaml
@@ -81,7 +82,7 @@ def advise(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
     quiet = Console(quiet=True)
     tested = range_test_lr(measured, rec.freeze(), out / "recommended", range_test_steps, quiet)
     if tested:
-        rec.lr, capped = backbone_lr(round_lr(tested), rec.strategy)
+        rec.lr, capped = backbone_lr(round_lr(tested), rec.strategy, isinstance(loaded.model, PreTrainedModel))
         rec.reasons.append(f"learning rate {rec.lr:g}: " + (capped or f"a tenth of where the loss was lowest in a "
                                                                        f"{range_test_steps}-step range test of this plan"))
     else:
