@@ -333,6 +333,27 @@ def test_the_default_space_searches_strategy_depth_and_rates(tiny_bert_dir, text
             "model.freeze.strategy", "model.head_dropout", "train.epochs", "train.batch_size",
             "optim.lr_strategy"} <= searched
     assert summary.best_recipe.is_file()
+    # trial 1 is the advice (96 examples: the head alone), its LR and epochs moved into the space
+    advice = json.loads((tmp_path / "study" / "advice" / "advice.json").read_text())
+    advised = _trials(tmp_path / "study")[1]
+    assert advised.user_attrs["advice"] and summary.advice_trial == 1 and advice["strategy"] == "head_only"
+    values = advised.user_attrs["values"]
+    assert values["model.freeze.strategy"] == "head_only" and "model.freeze.trainable_blocks" not in values
+    assert values["optim.lr"] == min(max(advice["lr"], 5e-4), 5e-2) and values["train.epochs"] == min(advice["epochs"], 4)
+
+
+def test_the_advice_is_moved_into_the_space_or_left_out():
+    from tuneforge.config.search import ParamSpec
+    from tuneforge.strategies.search import advised_point
+
+    space = {"model.freeze.strategy": ParamSpec(categorical=["full", "partial"]),
+             "model.freeze.trainable_blocks": ParamSpec(int=(1, 4), step=1, when={"model.freeze.strategy": "partial"}),
+             "optim.lr": ParamSpec(float=(1e-5, 1e-3), log=True), "train.epochs": ParamSpec(int=(1, 6))}
+    base = {"model": {"freeze": {"strategy": "full"}}, "optim": {"lr": 1e-4}, "train": {"epochs": 3}}
+    advised = {"model.freeze.strategy": "partial", "model.freeze.trainable_blocks": 9, "optim.lr": 0.1, "train.epochs": 8}
+    assert advised_point(space, base, advised) == {"model.freeze.strategy": "partial", "model.freeze.trainable_blocks": 4,
+                                                   "optim.lr": 1e-3, "train.epochs": 6}
+    assert advised_point(space, base, {**advised, "model.freeze.strategy": "head_only"}) is None  # not offered
 
 
 # ---------------------------------------------------------------- workers sharing a study

@@ -129,6 +129,8 @@ class SearchSpec(Section):
     heartbeat_seconds: int = Field(30, ge=1, le=3600, description="a running trial's sign of life; a trial silent for "
                                                                  "three of these is marked failed and retried")
     retries: int = Field(2, ge=0, le=MAX_COUNT, description="how often a failed (interrupted) trial is run again")
+    advice_first: bool = Field(True, description="where the space searches model.freeze.strategy, trial 1 is what "
+                                                 "`tuneforge advise` recommends (within the space)")
 
     @model_validator(mode="after")
     def _checks(self) -> SearchSpec:

@@ -274,6 +274,28 @@ def suggest_with(trial):
     return suggest
 
 
+def advised_point(space: dict[str, ParamSpec], base: dict, advised: dict) -> dict | None:
+    """Advised values as a point of the space: each moved into its key's range (and onto its step), the keys the
+    advice does not name as the recipe has them; None when the space does not offer an advised choice."""
+    point = recipe_point(space, base)
+    missing = object()
+
+    def suggest(key: str, param: ParamSpec):
+        if key not in advised:
+            return point[key] if key in point else _samples(param)[0]
+        value = advised[key]
+        if param.categorical is not None:
+            return next((c for c in param.categorical if matches(c, value)), missing)
+        low, high = param.float_ or param.int_
+        value = min(max(value, low), high)
+        if param.step:
+            value = min(low + round((value - low) / param.step) * param.step, high)
+        return int(round(value)) if param.int_ is not None else value
+
+    values = draw(space, base, suggest)
+    return None if any(value is missing for value in values.values()) else values
+
+
 def enqueued_params(space: dict[str, ParamSpec], point: dict) -> dict:
     """The first trial's values as optuna parameters (categorical sections as their JSON text)."""
     params = {}

@@ -37,6 +37,8 @@ class StudySummary:
     best_value: float | None = None  # validation, the selection metric
     best_values: dict = field(default_factory=dict)  # the best trial's searched values
     as_written_value: float | None = None  # validation of the recipe as written (trial 0)
+    advice_trial: int | None = None  # the trial of what `tuneforge advise` recommends, when there is one
+    advice_value: float | None = None
     best_recipe: Path | None = None
     test: dict | None = None  # the best trial's metrics on the test split, measured once
     plots: list[str] = field(default_factory=list)
@@ -54,6 +56,9 @@ def write_report(study: optuna.Study, recipe: Recipe, written: dict, space: dict
     write_text_atomic(study_dir / TRIALS_CSV, study.trials_dataframe().to_csv(index=False))
     as_written = [t for t in trials if t.user_attrs.get("as_written") and t.state == optuna.trial.TrialState.COMPLETE]
     summary.as_written_value = as_written[0].values[0] if as_written else None
+    advised = [t for t in trials if t.user_attrs.get("advice") and t.state == optuna.trial.TrialState.COMPLETE]
+    summary.advice_trial = advised[0].number if advised else None
+    summary.advice_value = advised[0].values[0] if advised else None
     best = best_trial(study)
     if best is not None:
         summary.best_trial, summary.best_value = best.number, best.values[0]
@@ -164,6 +169,7 @@ def _page(summary: StudySummary, trials: list, plots: Path) -> str:
 
     facts = [("trials", ", ".join(f"{n} {state}" for state, n in summary.states.items())),
              (f"recipe as written: validation {summary.metric}", summary.as_written_value),
+             (f"the advice (trial {summary.advice_trial}): validation {summary.metric}", summary.advice_value),
              (f"best: trial {summary.best_trial}, validation {summary.metric}", summary.best_value),
              ("best values", short_values(summary.best_values)),
              ("best on test (measured once)", ", ".join(f"{k} {v:.4f}" for k, v in (summary.test or {}).items()
@@ -193,7 +199,9 @@ def _print(summary: StudySummary, console: Console) -> None:
         return
     written = "not finished" if summary.as_written_value is None else f"{summary.as_written_value:.4f}"
     console.print(f"best: trial {summary.best_trial}, validation {summary.metric} {summary.best_value:.4f} "
-                  f"(the recipe as written: {written})")
+                  f"(the recipe as written: {written}" + ("" if summary.advice_value is None else
+                                                          f"; the advice, trial {summary.advice_trial}: "
+                                                          f"{summary.advice_value:.4f}") + ")")
     console.print(f"      {short_values(summary.best_values)}", soft_wrap=True)
     if summary.test:
         console.print(f"best trial on test (measured once): {summary.metric} {summary.test.get(summary.metric)}")

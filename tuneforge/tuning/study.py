@@ -36,14 +36,15 @@ from tuneforge.artifacts import write_json_atomic, write_text_atomic
 from tuneforge.config import Recipe, SearchSpec, load_recipe, parse_recipe, raw_recipe
 from tuneforge.errors import RecipeError, TuneforgeError, first_line
 from tuneforge.models.groups import layer_groups
-from tuneforge.strategies.search import enqueued_params, recipe_point, space_problems
+from tuneforge.strategies.search import advised_point, enqueued_params, recipe_point, space_problems
 from tuneforge.tasks.registry import get_task
+from tuneforge.training.advise import advise
 from tuneforge.training.assembly import load_data_and_model
 from tuneforge.tuning.live import TrialTable
 from tuneforge.tuning.report import StudySummary, write_report
-from tuneforge.tuning.trial import AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, TRIALS_DIR, Objective, tidy_trials
+from tuneforge.tuning.trial import ADVISED, AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, TRIALS_DIR, Objective, tidy_trials
 
-STUDY_FILE, STUDY_RECIPE, MARKER = "study.db", "study-recipe.yaml", "study.json"
+STUDY_FILE, STUDY_RECIPE, MARKER, ADVICE_DIR = "study.db", "study-recipe.yaml", "study.json", "advice"
 FINGERPRINT = "recipe_fingerprint"
 STORAGE_VARIABLE = "TUNEFORGE_TUNE_STORAGE"  # --storage's default, and how --workers hands the URL to its workers
 
@@ -194,7 +195,7 @@ def _checked_space(recipe: Recipe, console: Console, quiet: bool) -> dict:
 def _fingerprint(recipe: Recipe) -> str:
     """What makes two commands the same study: the recipe and its search, not where it writes."""
     raw = recipe.model_dump(mode="json", exclude={"output"})
-    for setting in ("keep_models", "heartbeat_seconds", "retries"):  # how the study runs, not what it searches
+    for setting in ("keep_models", "heartbeat_seconds", "retries", "advice_first"):  # how the study runs, not what it searches
         (raw.get("search") or {}).pop(setting, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -253,7 +254,26 @@ def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
     if not study.trials:
         point = recipe_point(space, recipe.model_dump(mode="json"))
         study.enqueue_trial(enqueued_params(space, point), user_attrs={AS_WRITTEN: True})
+        advised = _advice_point(plan, spec, space)
+        if advised is not None and advised != point:
+            study.enqueue_trial(enqueued_params(space, advised), user_attrs={ADVISED: True})
     return study
+
+
+def _advice_point(plan: StudyPlan, spec: SearchSpec, space: dict) -> dict | None:
+    """What `tuneforge advise` recommends, as a point of the space (trial 1): the search starts from the recipe
+    as written and from the plan the measurements call for, then explores. None when the space does not search
+    the freezing strategy, or the advice cannot be had."""
+    if not spec.advice_first or "model.freeze.strategy" not in space:
+        return None
+    try:
+        rec = advise(plan.recipe, output_dir=plan.study_dir / ADVICE_DIR, console=Console(quiet=True)).recommendation
+    except TuneforgeError:
+        return None
+    advised = {"model.freeze.strategy": rec.strategy, "optim.lr": rec.lr, "train.epochs": rec.epochs}
+    if rec.trainable_blocks:
+        advised["model.freeze.trainable_blocks"] = rec.trainable_blocks
+    return advised_point(space, plan.recipe.model_dump(mode="json"), advised)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from tuneforge.training.run import TrialLink, finetune
 
 TRIALS_DIR, LOGS_DIR, SHARED_CACHE_DIR, TRIAL_FILE = "trials", "logs", "feature-cache", "trial.json"
 AS_WRITTEN = "as_written"  # user attribute of the first trial: the recipe exactly as written
+ADVISED = "advice"  # user attribute of the trial `tuneforge advise` recommended
 
 
 def trial_dir(study_dir: Path, number: int) -> Path:
