@@ -58,11 +58,14 @@ def _with(choices: list, value) -> list:
     return choices if value in choices else [value, *choices]
 
 
-def get_path(raw: dict, key: str):
+_ABSENT = object()
+
+
+def get_path(raw: dict, key: str, default=None):
     node = raw
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 
@@ -237,12 +240,7 @@ def _condition_problems(space: dict[str, ParamSpec], base: dict) -> list[str]:
 
 
 def _has_path(raw: dict, key: str) -> bool:
-    node = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return get_path(raw, key, _ABSENT) is not _ABSENT
 
 
 def _samples(param: ParamSpec) -> list:
