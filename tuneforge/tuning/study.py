@@ -133,7 +133,8 @@ def _claim(plan: StudyPlan) -> None:
         raise RecipeError([f"the study folder {folder} is a file; choose another --output-dir"])
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     # a first start that failed after opening the database leaves only these
-    leftovers = {STUDY_FILE, f"{STUDY_FILE}.lock", f"{STUDY_FILE}-journal", f"{STUDY_FILE}-wal", f"{STUDY_FILE}-shm"}
+    leftovers = {STUDY_FILE, f"{STUDY_FILE}.lock", f"{STUDY_FILE}-journal", f"{STUDY_FILE}-wal", f"{STUDY_FILE}-shm",
+                 ADVICE_DIR}
     if found and MARKER not in found and not set(found) <= leftovers:
         raise RecipeError([f"{folder} is not a tuneforge study folder (it holds {', '.join(found[:5])}"
                            f"{' …' if len(found) > 5 else ''}); choose a new or empty --output-dir"])
@@ -268,7 +269,9 @@ def _advice_point(plan: StudyPlan, spec: SearchSpec, space: dict) -> dict | None
         return None
     try:
         rec = advise(plan.recipe, output_dir=plan.study_dir / ADVICE_DIR, console=Console(quiet=True)).recommendation
-    except TuneforgeError:
+    except Exception as error:  # the advice is a head start, not a condition: the search goes on without it
+        warnings.warn(f"tune: no advice for trial 1 ({type(error).__name__}: {first_line(error)}); the search "
+                      "starts from the recipe as written alone", stacklevel=2)
         return None
     advised = {"model.freeze.strategy": rec.strategy, "optim.lr": rec.lr, "train.epochs": rec.epochs}
     if rec.trainable_blocks:
