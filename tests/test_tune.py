@@ -354,6 +354,11 @@ def test_the_advice_is_moved_into_the_space_or_left_out():
     assert advised_point(space, base, advised) == {"model.freeze.strategy": "partial", "model.freeze.trainable_blocks": 4,
                                                    "optim.lr": 1e-3, "train.epochs": 6}
     assert advised_point(space, base, {**advised, "model.freeze.strategy": "head_only"}) is None  # not offered
+    # numbers offered as choices: the nearest (LRs on a log scale); a float on a step stays the number it is
+    listed = {"optim.lr": ParamSpec(categorical=[3e-5, 1e-4, 3e-4]), "train.epochs": ParamSpec(categorical=[2, 3, 4]),
+              "optim.weight_decay": ParamSpec(float=(0.0, 0.1), step=0.01)}
+    point = advised_point(listed, base, {"optim.lr": 8e-5, "train.epochs": 8, "optim.weight_decay": 0.03})
+    assert point == {"optim.lr": 1e-4, "train.epochs": 4, "optim.weight_decay": 0.03}
 
 
 # ---------------------------------------------------------------- workers sharing a study
@@ -527,3 +532,20 @@ def test_trials_share_a_frozen_prefix_only_when_its_inputs_are_the_same(tmp_path
 
     assert key() == key(optim__lr=1e-4) == key(model__head_dropout=0.3) == key(train__batch_size=16)
     assert key() != key(model__max_length=32) and key() != key(data__max_train_examples=10)
+
+
+def test_an_advice_interrupted_while_measuring_is_measured_again_when_the_study_is_next_opened(
+        tiny_bert_dir, text_data, tmp_path, monkeypatch):
+    from tuneforge.tuning import study as study_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    recipe = _recipe(tiny_bert_dir, text_data, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(study_module, "_advice_point", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tuneforge.tune(recipe, trials=2, output_dir=tmp_path / "study")
+    summary = tuneforge.tune(recipe, trials=2, output_dir=tmp_path / "study")
+    trials = _trials(tmp_path / "study")
+    assert trials[0].user_attrs["as_written"] and trials[1].user_attrs["advice"] and summary.advice_trial == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import typing
 
 from pydantic import BaseModel
@@ -283,15 +284,36 @@ def advised_point(space: dict[str, ParamSpec], base: dict, advised: dict) -> dic
             return point[key] if key in point else _samples(param)[0]
         value = advised[key]
         if param.categorical is not None:
-            return next((c for c in param.categorical if matches(c, value)), missing)
+            found = next((c for c in param.categorical if matches(c, value)), None)
+            found = found if found is not None else _nearest(param.categorical, value)
+            return missing if found is None else found
         low, high = param.float_ or param.int_
         value = min(max(value, low), high)
         if param.step:
             value = min(low + round((value - low) / param.step) * param.step, high)
-        return int(round(value)) if param.int_ is not None else value
+        return int(round(value)) if param.int_ is not None else float(f"{value:.12g}")
 
     values = draw(space, base, suggest)
     return None if any(value is missing for value in values.values()) else values
+
+
+def _nearest(choices: list, value):
+    """The numeric choice nearest to a number (on a log scale where all are positive), or None."""
+    numbers = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    if not numbers or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value > 0 and all(c > 0 for c in numbers):
+        return min(numbers, key=lambda c: abs(math.log(c / value)))
+    return min(numbers, key=lambda c: abs(c - value))
+
+
+def same_point(a: dict, b: dict) -> bool:
+    """Two points of a space are one: the same keys, numbers equal to rounding, sections and choices matching."""
+    def same(x, y) -> bool:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
+            return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+        return matches(x, y) and matches(y, x)
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 def enqueued_params(space: dict[str, ParamSpec], point: dict) -> dict:

@@ -169,7 +169,8 @@ def _page(summary: StudySummary, trials: list, plots: Path) -> str:
 
     facts = [("trials", ", ".join(f"{n} {state}" for state, n in summary.states.items())),
              (f"recipe as written: validation {summary.metric}", summary.as_written_value),
-             (f"the advice (trial {summary.advice_trial}): validation {summary.metric}", summary.advice_value),
+             *([(f"the advice (trial {summary.advice_trial}): validation {summary.metric}", summary.advice_value)]
+               if summary.advice_trial is not None else []),
              (f"best: trial {summary.best_trial}, validation {summary.metric}", summary.best_value),
              ("best values", short_values(summary.best_values)),
              ("best on test (measured once)", ", ".join(f"{k} {v:.4f}" for k, v in (summary.test or {}).items()

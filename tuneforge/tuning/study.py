@@ -36,7 +36,7 @@ from tuneforge.artifacts import write_json_atomic, write_text_atomic
 from tuneforge.config import Recipe, SearchSpec, load_recipe, parse_recipe, raw_recipe
 from tuneforge.errors import RecipeError, TuneforgeError, first_line
 from tuneforge.models.groups import layer_groups
-from tuneforge.strategies.search import advised_point, enqueued_params, recipe_point, space_problems
+from tuneforge.strategies.search import advised_point, enqueued_params, recipe_point, same_point, space_problems
 from tuneforge.tasks.registry import get_task
 from tuneforge.training.advise import advise
 from tuneforge.training.assembly import load_data_and_model
@@ -45,7 +45,7 @@ from tuneforge.tuning.report import StudySummary, write_report
 from tuneforge.tuning.trial import ADVISED, AS_WRITTEN, LOGS_DIR, SHARED_CACHE_DIR, TRIALS_DIR, Objective, tidy_trials
 
 STUDY_FILE, STUDY_RECIPE, MARKER, ADVICE_DIR = "study.db", "study-recipe.yaml", "study.json", "advice"
-FINGERPRINT = "recipe_fingerprint"
+FINGERPRINT, ADVICE_PENDING = "recipe_fingerprint", "advice_pending"
 STORAGE_VARIABLE = "TUNEFORGE_TUNE_STORAGE"  # --storage's default, and how --workers hands the URL to its workers
 
 
@@ -134,7 +134,7 @@ def _claim(plan: StudyPlan) -> None:
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     # a first start that failed after opening the database leaves only these
     leftovers = {STUDY_FILE, f"{STUDY_FILE}.lock", f"{STUDY_FILE}-journal", f"{STUDY_FILE}-wal", f"{STUDY_FILE}-shm",
-                 ADVICE_DIR}
+                 ADVICE_DIR, STUDY_RECIPE}
     if found and MARKER not in found and not set(found) <= leftovers:
         raise RecipeError([f"{folder} is not a tuneforge study folder (it holds {', '.join(found[:5])}"
                            f"{' …' if len(found) > 5 else ''}); choose a new or empty --output-dir"])
@@ -209,6 +209,7 @@ def _open_study(plan: StudyPlan, spec, space: dict, worker: int) -> optuna.Study
         with _creation_lock(plan), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, grouped TPE
             study = _create_or_load(plan, spec, space)
+        _queue_advice(plan, space, study)
     except (ImportError, ModuleNotFoundError) as error:
         raise RecipeError([f"--storage {_without_password(plan.storage)}: its database driver is not installed "
                            f"({first_line(error)}); for PostgreSQL: pip install 'tuneforge[postgres]'"]) from None
@@ -255,28 +256,45 @@ def _create_or_load(plan: StudyPlan, spec, space: dict) -> optuna.Study:
     if not study.trials:
         point = recipe_point(space, recipe.model_dump(mode="json"))
         study.enqueue_trial(enqueued_params(space, point), user_attrs={AS_WRITTEN: True})
-        advised = _advice_point(plan, spec, space)
-        if advised is not None and advised != point:
-            study.enqueue_trial(enqueued_params(space, advised), user_attrs={ADVISED: True})
+        if spec.advice_first and "model.freeze.strategy" in space:
+            study.set_user_attr(ADVICE_PENDING, True)  # queued by _queue_advice, after minutes of measuring
     return study
 
 
-def _advice_point(plan: StudyPlan, spec: SearchSpec, space: dict) -> dict | None:
-    """What `tuneforge advise` recommends, as a point of the space (trial 1): the search starts from the recipe
-    as written and from the plan the measurements call for, then explores. None when the space does not search
-    the freezing strategy, or the advice cannot be had."""
-    if not spec.advice_first or "model.freeze.strategy" not in space:
-        return None
+def _queue_advice(plan: StudyPlan, space: dict, study: optuna.Study) -> None:
+    """Queue what `tuneforge advise` recommends right after the recipe as written (trial 1 when one worker runs):
+    the search starts from the two most informed points. Measured outside the creation lock (it takes minutes)
+    and queued under it, once; a study whose advice was interrupted measures it again when it is next opened."""
+    if not study.user_attrs.get(ADVICE_PENDING):
+        return
+    advised = _advice_point(plan, space)
+    with _creation_lock(plan):
+        if not study.user_attrs.get(ADVICE_PENDING):  # another worker queued it meanwhile
+            return
+        point = recipe_point(space, plan.recipe.model_dump(mode="json"))
+        if advised is not None and same_point(advised, point):
+            warnings.warn("tune: the advice is the recipe as written (trial 0); nothing more to queue", stacklevel=2)
+        elif advised is not None:
+            study.enqueue_trial(enqueued_params(space, advised), user_attrs={ADVISED: True})
+        study.set_user_attr(ADVICE_PENDING, False)
+
+
+def _advice_point(plan: StudyPlan, space: dict) -> dict | None:
+    """The advice as a point of the space, or None (with a warning saying why) when it cannot be had."""
     try:
         rec = advise(plan.recipe, output_dir=plan.study_dir / ADVICE_DIR, console=Console(quiet=True)).recommendation
     except Exception as error:  # the advice is a head start, not a condition: the search goes on without it
-        warnings.warn(f"tune: no advice for trial 1 ({type(error).__name__}: {first_line(error)}); the search "
+        warnings.warn(f"tune: no advice to queue ({type(error).__name__}: {first_line(error)}); the search "
                       "starts from the recipe as written alone", stacklevel=2)
         return None
     advised = {"model.freeze.strategy": rec.strategy, "optim.lr": rec.lr, "train.epochs": rec.epochs}
     if rec.trainable_blocks:
         advised["model.freeze.trainable_blocks"] = rec.trainable_blocks
-    return advised_point(space, plan.recipe.model_dump(mode="json"), advised)
+    point = advised_point(space, plan.recipe.model_dump(mode="json"), advised)
+    if point is None:
+        warnings.warn(f"tune: the advice ({rec.strategy}) is not among the space's choices of "
+                      "model.freeze.strategy; the search starts from the recipe as written alone", stacklevel=2)
+    return point
 
 
 @contextlib.contextmanager

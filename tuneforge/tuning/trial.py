@@ -77,8 +77,9 @@ class Objective:
 
     def _reporter(self, trial: optuna.Trial, recipe: Recipe, run_dir: Path):
         """Each validation goes to the pruner (step: hundredths of an epoch, comparable across batch sizes);
-        the recipe as written is never pruned, so the search always knows what not searching gives."""
-        as_written = trial.user_attrs.get(AS_WRITTEN, False)  # set when the study enqueued it (kept by retries)
+        the recipe as written (and the advice) is never pruned, so the search always knows what not searching gives."""
+        # the recipe as written and the advice (queued with these marks, kept by retries) run to the end
+        as_written = trial.user_attrs.get(AS_WRITTEN, False) or trial.user_attrs.get(ADVISED, False)
 
         def report(epochs: float, metrics: dict) -> None:
             value = metrics.get(recipe.eval.metric)
