@@ -59,6 +59,15 @@ def _interrupted_run(recipe, monkeypatch, step):
     monkeypatch.undo()
 
 
+def _interrupted_after_step_8(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch):
+    """A run interrupted after step 8 (checkpoints at steps 3 and 6): its recipe, the uninterrupted run's
+    result, and the newest checkpoint's folder."""
+    data, expected = uninterrupted
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
+    _interrupted_run(recipe, monkeypatch, 8)
+    return recipe, expected, tmp_path / "run" / "checkpoints" / "step-00000006"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_bert_dir, tmp_path_factory):
     from conftest import sentiment_rows, write_tsv
@@ -74,10 +83,8 @@ def uninterrupted(tiny_bert_dir, tmp_path_factory):
 
 def test_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(tiny_bert_dir, uninterrupted, tmp_path,
                                                                          monkeypatch):
-    data, expected = uninterrupted
-    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
-    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
-    newest = tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors"
+    recipe, expected, newest = _interrupted_after_step_8(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch)
+    newest = newest / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
     assert "bytes" in verify_checkpoint(newest.parent)
 
@@ -312,10 +319,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_counts_as_damaged(tiny_bert_di
                                                                     monkeypatch, misfit):
     from safetensors.torch import load_file, save_file
 
-    data, expected = uninterrupted
-    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
-    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
-    newest = tmp_path / "run" / "checkpoints" / "step-00000006"
+    recipe, expected, newest = _interrupted_after_step_8(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch)
 
     def other_head(path):  # a head for 3 classes: valid safetensors, the wrong model
         weights = load_file(str(path))
@@ -391,10 +395,7 @@ def test_checkpoint_contents_that_parse_but_are_wrong_count_as_damaged(tiny_bert
                                                                        monkeypatch, damage):
     from safetensors.torch import save_file
 
-    data, expected = uninterrupted
-    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", **SETTINGS)
-    _interrupted_run(recipe, monkeypatch, 8)  # checkpoints at steps 3 and 6
-    newest = tmp_path / "run" / "checkpoints" / "step-00000006"
+    recipe, expected, newest = _interrupted_after_step_8(tiny_bert_dir, uninterrupted, tmp_path, monkeypatch)
 
     def edit_state(**changes):
         def change(path):
