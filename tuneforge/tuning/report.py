@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,10 +84,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _states(trials: list) -> dict:
-    counts: dict[str, int] = {}
-    for trial in trials:
-        counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
-    return counts
+    return dict(Counter(trial.state.name.lower() for trial in trials))
 
 
 def _write_best_recipe(recipe: Recipe, written: dict, best: optuna.trial.FrozenTrial, study: optuna.Study,
